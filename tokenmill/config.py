@@ -1,0 +1,43 @@
+"""Engine configuration: one frozen dataclass, validated on construction.
+
+Every CLI flag and `LLM(...)` keyword maps to one field here; defaults live here only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine is asked for. Values derived from the model (such as the
+    final max_model_len) are resolved by the engine core at start-up."""
+    model: str | None = None              # HF directory or .gguf file; None: the default Gemma 3 270M
+    dtype: str = "auto"                   # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "cpu"
+    max_model_len: int | None = None      # None: the model's context, capped by what the KV cache holds
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | None = None    # bytes for the KV cache; None: 2 GiB
+    num_kv_blocks: int | None = None      # exact block count; overrides kv_cache_memory
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    cache_dir: str | None = None          # converted-model cache; None: $TOKENMILL_CACHE_DIR or ~/.cache/tokenmill
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_model_len", "kv_cache_memory", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def resolved_kv_cache_memory(self) -> int:
+        return self.kv_cache_memory if self.kv_cache_memory is not None else 2 * 1024**3

@@ -1,0 +1,145 @@
+"""EngineCore.step(): schedule -> run -> update. Synchronous; one owner thread."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.kv_manager import KVCacheManager
+from tokenmill.engine.outputs import SampleLogprobs
+from tokenmill.engine.request import Request, RequestStatus, SamplingParams
+from tokenmill.engine.runner import ModelRunner, kv_bytes_per_block
+from tokenmill.engine.scheduler import Scheduler, SchedulerConfig
+from tokenmill.models.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return _TORCH_DTYPES[dtype]
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did to one request: the token it gained (if any), the text
+    that token added (after stop-string handling) and whether it has finished."""
+    request: Request
+    new_token_id: int | None
+    text_delta: str
+    logprobs: SampleLogprobs | None
+
+    @property
+    def finished(self) -> bool:
+        return self.request.is_finished
+
+
+class EngineCore:
+    """Contracts: `add_request` raises ValueError for input that can never run and
+    then leaves no trace; `step()` advances every scheduled request by one
+    iteration and returns an update for each request that gained a token or
+    finished; `abort_request` frees the request's blocks at once."""
+
+    def __init__(self, config: EngineConfig, loaded=None) -> None:
+        self.config = config
+        self.dtype = resolve_dtype(config.dtype, config.device)
+        torch.manual_seed(config.seed)
+        if loaded is None:
+            loaded = load_model(config.model, dtype=self.dtype, device=config.device, cache_dir=config.cache_dir)
+        self.model_info = loaded.info
+        self.tokenizer = loaded.tokenizer
+        info = loaded.info
+
+        block_bytes = kv_bytes_per_block(info.num_layers, info.num_kv_heads, info.head_dim,
+                                         config.block_size, self.dtype)
+        num_blocks = config.num_kv_blocks or config.resolved_kv_cache_memory // block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {config.resolved_kv_cache_memory} B holds no block "
+                             f"(one block of {config.block_size} tokens takes {block_bytes} B)")
+        capacity = num_blocks * config.block_size
+        if config.max_model_len is None:
+            max_model_len = min(info.max_position_embeddings, capacity)
+        else:
+            max_model_len = config.max_model_len
+            if max_model_len > info.max_position_embeddings:
+                raise ValueError(f"max_model_len {max_model_len} exceeds the model's context "
+                                 f"({info.max_position_embeddings} tokens)")
+            if max_model_len > capacity:
+                raise ValueError(f"max_model_len {max_model_len} does not fit the KV cache "
+                                 f"({num_blocks} blocks x {config.block_size} = {capacity} tokens); "
+                                 "raise kv_cache_memory or lower max_model_len")
+        self.max_model_len = max_model_len
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs,
+                            max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=max_model_len),
+            self.kv_manager)
+        self.runner = ModelRunner(loaded.model, info, num_blocks, config.block_size, self.dtype, config.device)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        logger.info("KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d",
+                    num_blocks, config.block_size, self.runner.kv_cache_bytes / 2**20, max_model_len)
+
+    # ---- requests ------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    group_id: str | None = None) -> Request:
+        vocab_size = self.model_info.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if params.max_tokens is None:
+            room = self.max_model_len - len(prompt_token_ids)
+            if room < 1:
+                raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, which leaves no room "
+                                 f"to generate within max_model_len ({self.max_model_len})")
+            params = dataclasses.replace(params, max_tokens=room)
+        request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
+                          sampling_params=params, eos_token_ids=tuple(self.model_info.eos_token_ids),
+                          group_id=group_id)
+        self.scheduler.add_request(request)
+        if self.tokenizer is not None:
+            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
+        return request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        self._detokenizers.pop(request_id, None)
+        return self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the step ------------------------------------------------------------
+    def step(self) -> list[RequestUpdate]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        updates = []
+        for request, token_id in self.scheduler.update_from_output(scheduler_output, runner_output):
+            text_delta = ""
+            detokenizer = self._detokenizers.get(request.request_id)
+            if detokenizer is not None:
+                stop = detokenizer.update(token_id)
+                if stop is not None and not request.is_finished:
+                    request.stop_reason = stop
+                    self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+                text_delta = detokenizer.get_delta(request.is_finished)
+            if request.is_finished:
+                self._detokenizers.pop(request.request_id, None)
+            updates.append(RequestUpdate(request, token_id, text_delta,
+                                         runner_output.logprobs.get(request.request_id)))
+        return updates
+
+    def output_text(self, request: Request) -> str | None:
+        detokenizer = self._detokenizers.get(request.request_id)
+        return detokenizer.output_text if detokenizer else None
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
