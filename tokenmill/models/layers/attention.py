@@ -1,0 +1,273 @@
+"""Paged attention over a block-structured KV cache.
+
+Each layer owns a ``(key_cache, value_cache)`` pair, each of shape
+``[num_blocks, block_size, num_kv_heads, head_dim]``. The K/V of a token at
+absolute position ``p`` of a sequence lives at flat slot
+``block_table[p // block_size] * block_size + p % block_size``.
+
+One engine step may mix decodes (one new token, long context) with prefill
+chunks (many new tokens, possibly with earlier chunks already cached). All
+single-token sequences are served by one batched SDPA call over their gathered
+blocks; every multi-token sequence gets its own SDPA call.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillPlan:
+    """How one multi-token sequence attends, for one sliding-window setting."""
+
+    token_start: int  # first row of this sequence in the flattened batch
+    token_end: int
+    # Cache blocks holding the visible keys, or None when the sequence has no
+    # cached context yet and its keys are exactly the new k/v of this step.
+    block_ids: torch.Tensor | None  # [num_visible_blocks]
+    mask: torch.Tensor | None  # [query_len, num_keys] bool, True = attend
+    is_causal: bool  # plain causal over fresh k/v: lets SDPA skip the mask
+
+
+@dataclass
+class WindowPlan:
+    """Gather indices and masks for one sliding-window size (None = full)."""
+
+    decode_block_ids: torch.Tensor | None  # [num_decodes, max_blocks] blocks to gather
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillPlan]
+    # Gather destinations reused by every layer of the step, keyed by cache
+    # dtype/shape: allocating fresh multi-MB tensors per layer costs more
+    # (page faults) than the gather itself.
+    buffers: dict = field(default_factory=dict)
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per engine step by the runner, shared (read-only) by all layers.
+
+    Tokens are flattened sequence by sequence. Tensors live on the model device;
+    the ``*_cpu`` lists mirror them for Python-side planning without syncs.
+    """
+
+    positions: torch.Tensor  # [num_tokens] int64 absolute position of each new token
+    slot_mapping: torch.Tensor  # [num_tokens] int64 flat cache slot of each new token
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int64 row offsets into the batch
+    context_lens: torch.Tensor  # [num_seqs] int64 cached + new tokens
+    block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int64, padded with 0
+    block_size: int
+    query_lens_cpu: list[int]
+    num_computed_cpu: list[int]
+    query_start_cpu: list[int]
+    decode_seq_ids: torch.Tensor  # [num_decodes] sequences with query_len == 1
+    decode_token_ids: torch.Tensor  # [num_decodes] their rows in the batch
+    num_decodes: int
+    all_decode: bool  # every row is a decode, in sequence order
+    # Host copies for planning, so building a plan never syncs with the device.
+    block_tables_cpu: torch.Tensor = field(repr=False)
+    decode_seq_ids_cpu: torch.Tensor = field(repr=False)
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_cpu[-1]
+
+    def window_plan(self, sliding_window: int | None) -> WindowPlan:
+        """Gather indices and masks for ``sliding_window``, computed on first use."""
+        plan = self._plans.get(sliding_window)
+        if plan is None:
+            plan = _build_window_plan(self, sliding_window)
+            self._plans[sliding_window] = plan
+        return plan
+
+
+def build_attention_metadata(
+    query_lens: list[int],
+    num_computed_tokens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device,
+) -> AttentionMetadata:
+    """Describe one engine step for the attention layers.
+
+    Sequence ``i`` contributes ``query_lens[i] >= 1`` new tokens at positions
+    ``num_computed_tokens[i] ..`` and ``block_tables[i]`` must already cover all
+    of its positions after this step.
+    """
+    num_seqs = len(query_lens)
+    if not (num_seqs == len(num_computed_tokens) == len(block_tables)) or num_seqs == 0:
+        raise ValueError("query_lens, num_computed_tokens and block_tables must be non-empty and equally long")
+    for i, (q_len, computed, table) in enumerate(zip(query_lens, num_computed_tokens, block_tables)):
+        if q_len < 1:
+            raise ValueError(f"sequence {i} has query_len {q_len}; every sequence needs at least one new token")
+        if computed + q_len > len(table) * block_size:
+            raise ValueError(
+                f"sequence {i} needs {computed + q_len} slots but its block table covers {len(table) * block_size}"
+            )
+
+    q_lens = torch.tensor(query_lens, dtype=torch.int64)
+    computed = torch.tensor(num_computed_tokens, dtype=torch.int64)
+    max_blocks = max(len(t) for t in block_tables)
+    tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int64)
+    query_start = torch.zeros(num_seqs + 1, dtype=torch.int64)
+    torch.cumsum(q_lens, 0, out=query_start[1:])
+
+    num_tokens = int(query_start[-1])
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [num_tokens]
+    positions = torch.arange(num_tokens) - query_start[seq_of_token] + computed[seq_of_token]
+    slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+
+    decode_seq_ids = torch.nonzero(q_lens == 1).flatten()
+    num_decodes = decode_seq_ids.numel()
+    return AttentionMetadata(
+        positions=positions.to(device),
+        slot_mapping=slots.to(device),
+        query_start_loc=query_start.to(device),
+        context_lens=(computed + q_lens).to(device),
+        block_tables=tables.to(device),
+        block_size=block_size,
+        query_lens_cpu=list(query_lens),
+        num_computed_cpu=list(num_computed_tokens),
+        query_start_cpu=query_start.tolist(),
+        decode_seq_ids=decode_seq_ids.to(device),
+        decode_token_ids=query_start[decode_seq_ids].to(device),
+        num_decodes=num_decodes,
+        all_decode=num_decodes == num_seqs,
+        block_tables_cpu=tables,
+        decode_seq_ids_cpu=decode_seq_ids,
+    )
+
+
+def _build_window_plan(md: AttentionMetadata, window: int | None) -> WindowPlan:
+    device = md.positions.device
+    bs = md.block_size
+    tables = md.block_tables_cpu
+
+    decode_block_ids = decode_mask = None
+    if md.num_decodes:
+        seq_ids = md.decode_seq_ids_cpu
+        ctx = torch.tensor(md.num_computed_cpu, dtype=torch.int64)[seq_ids] + 1  # [num_decodes]
+        # The single query sits at ctx - 1, so the visible keys are [lo, ctx).
+        lo = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)
+        first_block = lo // bs
+        num_blocks = (ctx - 1) // bs - first_block + 1
+        max_blocks = int(num_blocks.max())
+        block_idx = (first_block[:, None] + torch.arange(max_blocks)).clamp(max=tables.shape[1] - 1)
+        decode_block_ids = tables[seq_ids[:, None], block_idx]  # [num_decodes, max_blocks]
+        key_pos = first_block[:, None] * bs + torch.arange(max_blocks * bs)  # [num_decodes, max_keys]
+        valid = (key_pos >= lo[:, None]) & (key_pos < ctx[:, None])
+        decode_block_ids = decode_block_ids.to(device)
+        if not bool(valid.all()):
+            decode_mask = valid[:, None, None, :].to(device)
+
+    prefills = []
+    for i, q_len in enumerate(md.query_lens_cpu):
+        if q_len == 1:
+            continue
+        computed = md.num_computed_cpu[i]
+        start = md.query_start_cpu[i]
+        query_pos = torch.arange(computed, computed + q_len)[:, None]  # [q_len, 1]
+        if computed == 0:
+            if window is None:
+                prefills.append(PrefillPlan(start, start + q_len, None, None, True))
+                continue
+            key_pos = torch.arange(q_len)[None, :]
+            block_ids = None
+        else:
+            lo = max(0, computed - window + 1) if window is not None else 0
+            first_block, last_block = lo // bs, (computed + q_len - 1) // bs
+            block_ids = tables[i, first_block : last_block + 1].to(device)
+            key_pos = torch.arange(first_block * bs, (last_block + 1) * bs)[None, :]
+        mask = key_pos <= query_pos  # [q_len, num_keys]
+        if window is not None:
+            mask &= key_pos > query_pos - window
+        prefills.append(PrefillPlan(start, start + q_len, block_ids, mask.to(device), False))
+    return WindowPlan(decode_block_ids, decode_mask, prefills)
+
+
+def _gather_buffer(plan: WindowPlan, cache: torch.Tensor, which: str) -> torch.Tensor:
+    num_decodes, max_blocks = plan.decode_block_ids.shape
+    shape = (num_decodes * max_blocks, *cache.shape[1:])
+    key = (which, cache.dtype, shape)
+    buf = plan.buffers.get(key)
+    if buf is None:
+        buf = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+        plan.buffers[key] = buf
+    return buf
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    attn_metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Store this step's k/v in the cache, then attend causally over each sequence.
+
+    Args:
+        q: ``[num_tokens, num_heads, head_dim]`` rotated queries.
+        k, v: ``[num_tokens, num_kv_heads, head_dim]`` rotated keys and values.
+        kv_cache: this layer's ``(key_cache, value_cache)``, each contiguous
+            ``[num_blocks, block_size, num_kv_heads, head_dim]``; updated in place.
+        scale: softmax scale applied to ``q @ k^T``.
+        sliding_window: key ``j`` is visible to query ``i`` iff
+            ``i - sliding_window < j <= i``; None means plain causal.
+
+    Returns:
+        ``[num_tokens, num_heads, head_dim]`` in ``q.dtype``.
+    """
+    key_cache, value_cache = kv_cache
+    _, block_size, num_kv_heads, head_dim = key_cache.shape
+    num_tokens, num_heads, _ = q.shape
+    group = num_heads // num_kv_heads
+    md = attn_metadata
+
+    flat_k = key_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, kv_heads, head_dim]
+    flat_v = value_cache.view(-1, num_kv_heads, head_dim)
+    flat_k.index_copy_(0, md.slot_mapping, k.to(key_cache.dtype))
+    flat_v.index_copy_(0, md.slot_mapping, v.to(value_cache.dtype))
+
+    plan = md.window_plan(sliding_window)
+    out = None if md.all_decode else q.new_empty(num_tokens, num_heads, head_dim)
+
+    if md.num_decodes:
+        n = md.num_decodes
+        blocks = plan.decode_block_ids.flatten()
+        keys = torch.index_select(key_cache, 0, blocks, out=_gather_buffer(plan, key_cache, "k"))
+        values = torch.index_select(value_cache, 0, blocks, out=_gather_buffer(plan, value_cache, "v"))
+        # [n, kv_heads, max_keys, head_dim]: a strided view, SDPA reads it in place.
+        keys = keys.view(n, -1, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
+        values = values.view(n, -1, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
+        # A decode has one query per head, so the query heads sharing a KV head
+        # can stand in for the query-length axis: GQA without repeating K/V.
+        dq = q if md.all_decode else q.index_select(0, md.decode_token_ids)
+        dq = dq.view(n, num_kv_heads, group, head_dim)
+        o = F.scaled_dot_product_attention(dq, keys, values, attn_mask=plan.decode_mask, scale=scale)
+        o = o.reshape(n, num_heads, head_dim)
+        if md.all_decode:
+            return o
+        out.index_copy_(0, md.decode_token_ids, o)
+
+    for p in plan.prefills:
+        pq = q[p.token_start : p.token_end].transpose(0, 1)  # [num_heads, q_len, head_dim]
+        if p.block_ids is None:
+            pk = k[p.token_start : p.token_end]  # [q_len, kv_heads, head_dim]
+            pv = v[p.token_start : p.token_end]
+        else:
+            pk = key_cache.index_select(0, p.block_ids).view(-1, num_kv_heads, head_dim).to(q.dtype)
+            pv = value_cache.index_select(0, p.block_ids).view(-1, num_kv_heads, head_dim).to(q.dtype)
+        o = F.scaled_dot_product_attention(
+            pq,
+            pk.transpose(0, 1),
+            pv.transpose(0, 1),
+            attn_mask=p.mask,
+            is_causal=p.is_causal,
+            scale=scale,
+            enable_gqa=group > 1,
+        )  # [num_heads, q_len, head_dim]
+        out[p.token_start : p.token_end] = o.transpose(0, 1)
+    return out
