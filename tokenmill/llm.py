@@ -24,9 +24,11 @@ class LLM:
     enable_prefix_caching, seed, device, cache_dir).
     """
 
-    def __init__(self, model: str | None = None, **kwargs) -> None:
+    def __init__(self, model: str | None = None, *, loaded_model=None, **kwargs) -> None:
+        """`loaded_model` (a `tokenmill.models.loader.LoadedModel`) reuses weights that
+        are already in memory instead of loading `model` again."""
         self.config = EngineConfig(model=model, **kwargs)
-        self.engine = EngineCore(self.config)
+        self.engine = EngineCore(self.config, loaded=loaded_model)
         self.tokenizer = self.engine.tokenizer
         self._counter = itertools.count()
 

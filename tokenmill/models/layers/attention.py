@@ -8,7 +8,11 @@ absolute position ``p`` of a sequence lives at flat slot
 One engine step may mix decodes (one new token, long context) with prefill
 chunks (many new tokens, possibly with earlier chunks already cached). All
 single-token sequences are served by one batched SDPA call over their gathered
-blocks; every multi-token sequence gets its own SDPA call.
+keys; every multi-token sequence gets its own SDPA call.
+
+Only slots holding this sequence's own K/V (written this step or earlier) are
+ever read, and padding repeats such a slot under a mask, so whatever the rest of
+the cache holds (uninitialized memory, NaNs, other sequences) cannot leak in.
 """
 
 from dataclasses import dataclass, field
@@ -23,9 +27,9 @@ class PrefillPlan:
 
     token_start: int  # first row of this sequence in the flattened batch
     token_end: int
-    # Cache blocks holding the visible keys, or None when the sequence has no
-    # cached context yet and its keys are exactly the new k/v of this step.
-    block_ids: torch.Tensor | None  # [num_visible_blocks]
+    # Cache slots of the visible keys, or None when the sequence has no cached
+    # context yet and its keys are exactly the new k/v of this step.
+    slots: torch.Tensor | None  # [num_keys]
     mask: torch.Tensor | None  # [query_len, num_keys] bool, True = attend
     is_causal: bool  # plain causal over fresh k/v: lets SDPA skip the mask
 
@@ -34,8 +38,8 @@ class PrefillPlan:
 class WindowPlan:
     """Gather indices and masks for one sliding-window size (None = full)."""
 
-    decode_block_ids: torch.Tensor | None  # [num_decodes, max_blocks] blocks to gather
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    decode_slots: torch.Tensor | None  # [num_decodes * max_keys] cache slots to gather
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_keys] bool, None if no padding
     prefills: list[PrefillPlan]
     # Gather destinations reused by every layer of the step, keyed by cache
     # dtype/shape: allocating fresh multi-MB tensors per layer costs more
@@ -139,27 +143,29 @@ def build_attention_metadata(
     )
 
 
+def _slots(tables: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat cache slots of ``positions`` (any shape, leading dim per ``seq_ids``)."""
+    blocks = tables[seq_ids.view(-1, *([1] * (positions.dim() - 1))), positions // block_size]
+    return blocks * block_size + positions % block_size
+
+
 def _build_window_plan(md: AttentionMetadata, window: int | None) -> WindowPlan:
     device = md.positions.device
-    bs = md.block_size
     tables = md.block_tables_cpu
 
-    decode_block_ids = decode_mask = None
+    decode_slots = decode_mask = None
     if md.num_decodes:
         seq_ids = md.decode_seq_ids_cpu
         ctx = torch.tensor(md.num_computed_cpu, dtype=torch.int64)[seq_ids] + 1  # [num_decodes]
         # The single query sits at ctx - 1, so the visible keys are [lo, ctx).
         lo = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)
-        first_block = lo // bs
-        num_blocks = (ctx - 1) // bs - first_block + 1
-        max_blocks = int(num_blocks.max())
-        block_idx = (first_block[:, None] + torch.arange(max_blocks)).clamp(max=tables.shape[1] - 1)
-        decode_block_ids = tables[seq_ids[:, None], block_idx]  # [num_decodes, max_blocks]
-        key_pos = first_block[:, None] * bs + torch.arange(max_blocks * bs)  # [num_decodes, max_keys]
-        valid = (key_pos >= lo[:, None]) & (key_pos < ctx[:, None])
-        decode_block_ids = decode_block_ids.to(device)
-        if not bool(valid.all()):
-            decode_mask = valid[:, None, None, :].to(device)
+        num_keys = ctx - lo
+        max_keys = int(num_keys.max())
+        offsets = torch.arange(max_keys)
+        key_pos = torch.minimum(lo[:, None] + offsets, ctx[:, None] - 1)  # [num_decodes, max_keys]
+        decode_slots = _slots(tables, seq_ids, key_pos, md.block_size).flatten().to(device)
+        if bool((num_keys != max_keys).any()):
+            decode_mask = (offsets < num_keys[:, None])[:, None, None, :].to(device)
 
     prefills = []
     for i, q_len in enumerate(md.query_lens_cpu):
@@ -167,34 +173,30 @@ def _build_window_plan(md: AttentionMetadata, window: int | None) -> WindowPlan:
             continue
         computed = md.num_computed_cpu[i]
         start = md.query_start_cpu[i]
+        if computed == 0 and window is None:
+            prefills.append(PrefillPlan(start, start + q_len, None, None, True))
+            continue
+        # Keys before lo are outside the window of every query of this chunk.
+        lo = max(0, computed - window + 1) if window is not None else 0
+        key_pos = torch.arange(lo, computed + q_len)
+        slots = None if computed == 0 else _slots(tables, torch.tensor([i]), key_pos, md.block_size).to(device)
         query_pos = torch.arange(computed, computed + q_len)[:, None]  # [q_len, 1]
-        if computed == 0:
-            if window is None:
-                prefills.append(PrefillPlan(start, start + q_len, None, None, True))
-                continue
-            key_pos = torch.arange(q_len)[None, :]
-            block_ids = None
-        else:
-            lo = max(0, computed - window + 1) if window is not None else 0
-            first_block, last_block = lo // bs, (computed + q_len - 1) // bs
-            block_ids = tables[i, first_block : last_block + 1].to(device)
-            key_pos = torch.arange(first_block * bs, (last_block + 1) * bs)[None, :]
-        mask = key_pos <= query_pos  # [q_len, num_keys]
+        mask = key_pos[None, :] <= query_pos  # [q_len, num_keys]
         if window is not None:
-            mask &= key_pos > query_pos - window
-        prefills.append(PrefillPlan(start, start + q_len, block_ids, mask.to(device), False))
-    return WindowPlan(decode_block_ids, decode_mask, prefills)
+            mask &= key_pos[None, :] > query_pos - window
+        prefills.append(PrefillPlan(start, start + q_len, slots, mask.to(device), False))
+    return WindowPlan(decode_slots, decode_mask, prefills)
 
 
-def _gather_buffer(plan: WindowPlan, cache: torch.Tensor, which: str) -> torch.Tensor:
-    num_decodes, max_blocks = plan.decode_block_ids.shape
-    shape = (num_decodes * max_blocks, *cache.shape[1:])
+def _gather(plan: WindowPlan, cache: torch.Tensor, which: str) -> torch.Tensor:
+    """Gather the decode keys or values into a buffer shared by the step's layers."""
+    flat = cache.view(-1, *cache.shape[2:])  # [num_slots, kv_heads, head_dim]
+    shape = (plan.decode_slots.numel(), *flat.shape[1:])
     key = (which, cache.dtype, shape)
     buf = plan.buffers.get(key)
     if buf is None:
-        buf = torch.empty(shape, dtype=cache.dtype, device=cache.device)
-        plan.buffers[key] = buf
-    return buf
+        buf = plan.buffers[key] = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+    return torch.index_select(flat, 0, plan.decode_slots, out=buf)
 
 
 def paged_attention(
@@ -221,7 +223,7 @@ def paged_attention(
         ``[num_tokens, num_heads, head_dim]`` in ``q.dtype``.
     """
     key_cache, value_cache = kv_cache
-    _, block_size, num_kv_heads, head_dim = key_cache.shape
+    num_kv_heads, head_dim = key_cache.shape[2:]
     num_tokens, num_heads, _ = q.shape
     group = num_heads // num_kv_heads
     md = attn_metadata
@@ -236,12 +238,9 @@ def paged_attention(
 
     if md.num_decodes:
         n = md.num_decodes
-        blocks = plan.decode_block_ids.flatten()
-        keys = torch.index_select(key_cache, 0, blocks, out=_gather_buffer(plan, key_cache, "k"))
-        values = torch.index_select(value_cache, 0, blocks, out=_gather_buffer(plan, value_cache, "v"))
         # [n, kv_heads, max_keys, head_dim]: a strided view, SDPA reads it in place.
-        keys = keys.view(n, -1, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
-        values = values.view(n, -1, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
+        keys = _gather(plan, key_cache, "k").view(n, -1, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
+        values = _gather(plan, value_cache, "v").view(n, -1, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
         # A decode has one query per head, so the query heads sharing a KV head
         # can stand in for the query-length axis: GQA without repeating K/V.
         dq = q if md.all_decode else q.index_select(0, md.decode_token_ids)
@@ -254,12 +253,12 @@ def paged_attention(
 
     for p in plan.prefills:
         pq = q[p.token_start : p.token_end].transpose(0, 1)  # [num_heads, q_len, head_dim]
-        if p.block_ids is None:
+        if p.slots is None:
             pk = k[p.token_start : p.token_end]  # [q_len, kv_heads, head_dim]
             pv = v[p.token_start : p.token_end]
         else:
-            pk = key_cache.index_select(0, p.block_ids).view(-1, num_kv_heads, head_dim).to(q.dtype)
-            pv = value_cache.index_select(0, p.block_ids).view(-1, num_kv_heads, head_dim).to(q.dtype)
+            pk = flat_k.index_select(0, p.slots).to(q.dtype)  # [num_keys, kv_heads, head_dim]
+            pv = flat_v.index_select(0, p.slots).to(q.dtype)
         o = F.scaled_dot_product_attention(
             pq,
             pk.transpose(0, 1),

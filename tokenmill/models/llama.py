@@ -1,0 +1,148 @@
+"""Llama-family decoder: Llama 2/3, Mistral, Qwen2 and Qwen3.
+
+The variants differ only in small switches read from the Hugging Face config:
+Qwen2 always has q/k/v biases, Qwen3 RMS-normalizes each q/k head before rope,
+Mistral (and Qwen2 sliding layers) restrict attention to a window, and Llama 3
+scales its rope frequencies.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.models.layers.attention import AttentionMetadata, paged_attention
+from tokenmill.models.layers.linear import PackedLinear
+from tokenmill.models.layers.mlp import GatedMLP
+from tokenmill.models.layers.norm import RMSNorm
+from tokenmill.models.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_windows(config) -> list[int | None]:
+    """Window of each layer: per ``layer_types`` when given (Qwen2), else one for all (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * config.num_hidden_layers
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, sliding_window: int | None):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim(config)
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = attention_bias or config.model_type == "qwen2"
+        self.qkv_proj = PackedLinear(
+            config.hidden_size,
+            {
+                "q": self.num_heads * self.head_dim,
+                "k": self.num_kv_heads * self.head_dim,
+                "v": self.num_kv_heads * self.head_dim,
+            },
+            bias=qkv_bias,
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=attention_bias)
+        self.qk_norm = config.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+        self.sliding_window = sliding_window
+
+    def forward(self, x, cos, sin, kv_cache, attn_metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, kv_heads, head_dim]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = paged_attention(q, k, v, kv_cache, attn_metadata, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, sliding_window: int | None):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, sliding_window)
+        self.mlp = GatedMLP(
+            config.hidden_size,
+            config.intermediate_size,
+            getattr(config, "hidden_act", "silu"),
+            bias=bool(getattr(config, "mlp_bias", False)),
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, h, cos, sin, kv_cache, attn_metadata) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, attn_metadata)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        # Weights always come from a checkpoint: passing storage skips the
+        # random init, which is slow for large vocabularies.
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, w) for w in sliding_windows(config))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(head_dim(config), rope_parameters(config))
+
+    def forward(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        cos, sin = self.rotary(positions, h.dtype)  # shared by every layer
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            h = layer(h, cos, sin, kv_cache, attn_metadata)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM over a paged KV cache (one cache pair per layer)."""
+
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        tied = getattr(config, "tie_word_embeddings", False)
+        self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``input_ids``/``positions`` ``[num_tokens]`` -> hidden states ``[num_tokens, hidden]``."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[n, hidden]`` -> float32 logits ``[n, vocab]``."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden_states, weight).float()
+
+    def remap_checkpoint_name(self, name: str) -> str | None:
+        """Map a checkpoint tensor name to this model's naming; None skips it."""
+        if "rotary_emb.inv_freq" in name:
+            return None  # precomputed buffer stored by old checkpoints
+        if name.startswith("lm_head.") and self.lm_head is None:
+            return None
+        return name
