@@ -43,9 +43,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         shape = (num_blocks, block_size, info.num_kv_heads, info.head_dim)
-        # One (keys, values) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
-                           torch.zeros(shape, dtype=dtype, device=self.device))
+        # One (keys, values) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim].
+        # Left uninitialised: attention reads only slots its own sequence has written.
+        self.kv_caches = [(torch.empty(shape, dtype=dtype, device=self.device),
+                           torch.empty(shape, dtype=dtype, device=self.device))
                           for _ in range(info.num_layers)]
         self.kv_cache_bytes = num_blocks * kv_bytes_per_block(
             info.num_layers, info.num_kv_heads, info.head_dim, block_size, dtype)
