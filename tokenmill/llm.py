@@ -1,7 +1,6 @@
 """Offline API, shaped like vLLM's: `LLM(...).generate(prompts, sampling_params)`."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -65,27 +64,17 @@ class LLM:
                 raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
 
         results: dict[str, RequestOutput] = {}
-        child_to_parent: dict[str, tuple[str, int]] = {}
-        added: list[str] = []
         try:
             for prompt, params in zip(prompts, params_list):
                 text, token_ids = self._to_token_ids(prompt)
                 request_id = str(next(self._counter))
+                self.engine.add_request(request_id, token_ids, params)
                 results[request_id] = RequestOutput(
                     request_id=request_id, prompt=text, prompt_token_ids=token_ids,
                     outputs=[CompletionOutput(index=i, text="", token_ids=[]) for i in range(params.n)])
-                for index in range(params.n):
-                    child_id = request_id if params.n == 1 else f"{request_id}-{index}"
-                    child_params = params
-                    if params.n > 1 and params.seed is not None:
-                        child_params = _with_seed(params, params.seed + index)
-                    self.engine.add_request(child_id, token_ids, child_params,
-                                            group_id=request_id if params.n > 1 else None)
-                    added.append(child_id)
-                    child_to_parent[child_id] = (request_id, index)
         except Exception:
-            for child_id in added:
-                self.engine.abort_request(child_id)
+            for request_id in results:
+                self.engine.abort_request(request_id)
             raise
 
         remaining = {request_id: len(output.outputs) for request_id, output in results.items()}
@@ -93,25 +82,21 @@ class LLM:
             try:
                 while self.engine.has_unfinished_requests():
                     for update in self.engine.step():
-                        parent_id, index = child_to_parent[update.request.request_id]
-                        _apply_update(results[parent_id], index, update)
+                        parent_id = update.request.parent_id
+                        _apply_update(results[parent_id], update)
                         if update.finished:
                             remaining[parent_id] -= 1
                             if remaining[parent_id] == 0:
                                 results[parent_id].finished = True
                                 progress.update(1)
             finally:
-                for child_id in added:
-                    self.engine.abort_request(child_id)
+                for request_id in results:
+                    self.engine.abort_request(request_id)
         return list(results.values())
 
 
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    return dataclasses.replace(params, seed=seed)
-
-
-def _apply_update(result: RequestOutput, index: int, update: RequestUpdate) -> None:
-    completion = result.outputs[index]
+def _apply_update(result: RequestOutput, update: RequestUpdate) -> None:
+    completion = result.outputs[update.request.sample_index]
     request = update.request
     if update.new_token_id is not None:
         completion.token_ids.append(update.new_token_id)

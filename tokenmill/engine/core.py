@@ -84,35 +84,59 @@ class EngineCore:
             self.kv_manager)
         self.runner = ModelRunner(loaded.model, info, num_blocks, config.block_size, self.dtype, config.device)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._groups: dict[str, list[str]] = {}  # caller's id -> its n > 1 request ids
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d",
                     num_blocks, config.block_size, self.runner.kv_cache_bytes / 2**20, max_model_len)
 
     # ---- requests ------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    group_id: str | None = None) -> Request:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Request]:
+        """Queue a prompt; `params.n > 1` becomes n requests that share the prompt's
+        blocks (ids `{request_id}-{i}`, seeds `seed + i`). Raises ValueError and
+        queues nothing if the prompt or parameters can never run."""
         vocab_size = self.model_info.vocab_size
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
+        if request_id in self._groups or request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
         if params.max_tokens is None:
             room = self.max_model_len - len(prompt_token_ids)
             if room < 1:
                 raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, which leaves no room "
                                  f"to generate within max_model_len ({self.max_model_len})")
             params = dataclasses.replace(params, max_tokens=room)
-        request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
-                          sampling_params=params, eos_token_ids=tuple(self.model_info.eos_token_ids),
-                          group_id=group_id)
-        self.scheduler.add_request(request)
-        if self.tokenizer is not None:
-            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
-        return request
+        requests = []
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = dataclasses.replace(params, seed=params.seed + index)
+            requests.append(Request(
+                request_id=request_id if params.n == 1 else f"{request_id}-{index}",
+                prompt_token_ids=list(prompt_token_ids), sampling_params=child_params,
+                eos_token_ids=tuple(self.model_info.eos_token_ids),
+                group_id=request_id if params.n > 1 else None, sample_index=index))
+        self.scheduler.check_request(requests[0])
+        for request in requests:
+            self.scheduler.add_request(request)
+            if self.tokenizer is not None:
+                self._detokenizers[request.request_id] = IncrementalDetokenizer(
+                    self.tokenizer, request.prompt_token_ids, request.sampling_params)
+        if params.n > 1:
+            self._groups[request_id] = [request.request_id for request in requests]
+        return requests
 
-    def abort_request(self, request_id: str) -> Request | None:
-        self._detokenizers.pop(request_id, None)
-        return self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+    def abort_request(self, request_id: str) -> list[Request]:
+        """Abort a request (all n completions of it) and free its blocks at once.
+        Unknown or finished ids are ignored. Returns the requests aborted."""
+        aborted = []
+        for child_id in self._groups.pop(request_id, [request_id]):
+            self._detokenizers.pop(child_id, None)
+            request = self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ABORTED)
+            if request is not None:
+                aborted.append(request)
+        return aborted
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -133,13 +157,15 @@ class EngineCore:
                 text_delta = detokenizer.get_delta(request.is_finished)
             if request.is_finished:
                 self._detokenizers.pop(request.request_id, None)
+                self._forget_group(request)
             updates.append(RequestUpdate(request, token_id, text_delta,
                                          runner_output.logprobs.get(request.request_id)))
         return updates
 
-    def output_text(self, request: Request) -> str | None:
-        detokenizer = self._detokenizers.get(request.request_id)
-        return detokenizer.output_text if detokenizer else None
+    def _forget_group(self, request: Request) -> None:
+        siblings = self._groups.get(request.group_id) if request.group_id is not None else None
+        if siblings is not None and all(child not in self.scheduler.requests for child in siblings):
+            del self._groups[request.group_id]
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

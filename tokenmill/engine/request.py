@@ -121,9 +121,10 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
-    # Requests of one `n > 1` prompt share a group so the scheduler can let the
-    # first one fill the prefix cache before its siblings start.
+    # Requests of one `n > 1` prompt share a group (the caller's request id) so the
+    # scheduler can let the first one fill the prefix cache before its siblings start.
     group_id: str | None = None
+    sample_index: int = 0  # which of the group's n completions this is
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hits at first admission; -1 until admitted
@@ -157,6 +158,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def parent_id(self) -> str:
+        """The id the caller used: the group's for an `n > 1` completion."""
+        return self.group_id if self.group_id is not None else self.request_id
 
     @property
     def finish_reason(self) -> FinishReason | None:
