@@ -87,7 +87,9 @@ def test_low_precision(dtype):
 
 
 def test_writes_new_tokens_to_their_slots():
-    _, _, md = run_case([(6, 3), (2, 1)], heads=2, kv_heads=1, head_dim=4, block_size=4, window=None, dtype=torch.float32)
+    _, _, md = run_case(
+        [(6, 3), (2, 1)], heads=2, kv_heads=1, head_dim=4, block_size=4, window=None, dtype=torch.float32
+    )
     assert md.positions.tolist() == [6, 7, 8, 2]
     tables = md.block_tables.tolist()
     expected = [tables[0][p // 4] * 4 + p % 4 for p in (6, 7, 8)] + [tables[1][0] * 4 + 2]

@@ -5,7 +5,7 @@ import torch
 from paged_harness import PagedHarness
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokenmill.models import gguf_loader, load_model
+from tokenmill.models import gguf_cache, load_model
 from tokenmill.models.loader import default_model_path
 
 PROMPTS = [
@@ -40,13 +40,13 @@ def test_info(loaded):
 
 
 def test_second_load_is_served_from_cache(loaded, monkeypatch):
-    entry = gguf_loader.gguf_cache_dir(default_model_path(), gguf_loader.cache_root())
+    entry = gguf_cache.gguf_cache_dir(default_model_path(), gguf_cache.cache_root())
     assert (entry / "model.safetensors").is_file()
 
     def no_conversion(*args):
         raise AssertionError("the GGUF file was converted again")
 
-    monkeypatch.setattr(gguf_loader, "convert_gguf", no_conversion)
+    monkeypatch.setattr(gguf_cache, "convert_gguf", no_conversion)
     again = load_model(None)
     assert again.info == loaded.info
 

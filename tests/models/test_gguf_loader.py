@@ -8,10 +8,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from paged_harness import PagedHarness
-from tiny_models import VOCAB, random_model
+from tiny_models import VOCAB, random_model, tiny_model
 from transformers import Gemma3TextConfig, LlamaConfig
 
-from tokenmill.models import gguf_loader, load_model
+from tokenmill.models import gguf_cache, load_model
 from tokenmill.models.layers.rotary import rope_inv_freq
 
 _LAYER = {
@@ -72,7 +72,7 @@ def write_gguf(path, arch: str, ref, rope_freqs: np.ndarray | None = None) -> No
         writer.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
         layer_map = _GEMMA_LAYER
     else:
-        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_dimension_count(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
         layer_map = _LLAMA_LAYER
     if rope_freqs is not None:
@@ -135,7 +135,22 @@ def tiny_gguf_gemma3(path):
     return ref
 
 
-@pytest.mark.parametrize("make", [tiny_gguf_llama, tiny_gguf_gemma3])
+def tiny_gguf_qwen(arch):
+    """Qwen 2 (q/k/v biases) and Qwen 3 (q/k norms): no q/k permutation in llama.cpp."""
+
+    def make(path):
+        ref = tiny_model(arch)
+        write_gguf(path, arch, ref)
+        return ref
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "make",
+    [tiny_gguf_llama, tiny_gguf_gemma3, tiny_gguf_qwen("qwen2"), tiny_gguf_qwen("qwen3")],
+    ids=["llama", "gemma3", "qwen2", "qwen3"],
+)
 def test_gguf_matches_hf(make, tmp_path):
     path = tmp_path / "tiny.gguf"
     ref = make(path)
@@ -159,25 +174,25 @@ def test_second_load_reads_cache(tmp_path, monkeypatch):
     tiny_gguf_gemma3(path)
     cache = tmp_path / "cache"
     first = load_model(str(path), cache_dir=cache)
-    entry = gguf_loader.gguf_cache_dir(path, cache)
+    entry = gguf_cache.gguf_cache_dir(path, cache)
     assert (entry / "model.safetensors").is_file() and (entry / "config.json").is_file()
 
     def no_conversion(*args):
         raise AssertionError("the GGUF file was converted again")
 
-    monkeypatch.setattr(gguf_loader, "convert_gguf", no_conversion)
+    monkeypatch.setattr(gguf_cache, "convert_gguf", no_conversion)
     second = load_model(str(path), cache_dir=cache, dtype=torch.bfloat16)
     assert second.info == first.info
     assert next(second.model.parameters()).dtype == torch.bfloat16
 
     os.utime(path, ns=(0, 12345))  # a modified file gets a fresh entry
-    assert gguf_loader.gguf_cache_dir(path, cache) != entry
+    assert gguf_cache.gguf_cache_dir(path, cache) != entry
 
 
 def test_cache_env_var(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path / "env-cache"))
-    assert gguf_loader.cache_root() == tmp_path / "env-cache"
-    assert gguf_loader.cache_root(tmp_path / "explicit") == tmp_path / "explicit"
+    assert gguf_cache.cache_root() == tmp_path / "env-cache"
+    assert gguf_cache.cache_root(tmp_path / "explicit") == tmp_path / "explicit"
 
 
 def test_failed_conversion_leaves_no_cache(tmp_path, monkeypatch):
@@ -188,7 +203,7 @@ def test_failed_conversion_leaves_no_cache(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(gguf_loader, "save_file", crash)
+    monkeypatch.setattr(gguf_cache, "save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         load_model(str(path), cache_dir=cache)
     assert list((cache / "gguf").iterdir()) == []

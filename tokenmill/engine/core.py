@@ -27,6 +27,10 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return _TORCH_DTYPES[dtype]
 
 
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full: retry later (HTTP 503 with Retry-After)."""
+
+
 @dataclass
 class RequestUpdate:
     """What one step did to one request: the token it gained (if any), the text
@@ -89,10 +93,12 @@ class EngineCore:
                     num_blocks, config.block_size, self.runner.kv_cache_bytes / 2**20, max_model_len)
 
     # ---- requests ------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Request]:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    max_waiting: int | None = None) -> list[Request]:
         """Queue a prompt; `params.n > 1` becomes n requests that share the prompt's
-        blocks (ids `{request_id}-{i}`, seeds `seed + i`). Raises ValueError and
-        queues nothing if the prompt or parameters can never run."""
+        blocks (ids `{request_id}-{i}`, seeds `seed + i`). Raises ValueError if the
+        prompt or parameters can never run, then EngineOverloadedError if
+        `max_waiting` requests are already waiting; either way it queues nothing."""
         vocab_size = self.model_info.vocab_size
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
         if bad:
@@ -118,6 +124,9 @@ class EngineCore:
                 eos_token_ids=tuple(self.model_info.eos_token_ids),
                 group_id=request_id if params.n > 1 else None, sample_index=index))
         self.scheduler.check_request(requests[0])
+        num_waiting = len(self.scheduler.waiting)
+        if max_waiting is not None and num_waiting + len(requests) > max_waiting:
+            raise EngineOverloadedError(f"{num_waiting} requests are already waiting (limit {max_waiting})")
         for request in requests:
             self.scheduler.add_request(request)
             if self.tokenizer is not None:

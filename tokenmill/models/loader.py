@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from tokenmill.models.gguf_loader import SOURCE_FILE, cache_root, ensure_gguf_cache, load_cached_tokenizer
+from tokenmill.models.gguf_cache import SOURCE_FILE, cache_root, ensure_gguf_cache, load_cached_tokenizer
 from tokenmill.models.registry import resolve_architecture, text_config
 from tokenmill.models.weights import iter_safetensors, load_checkpoint_weights, safetensors_files
 
@@ -95,7 +95,9 @@ def _load_directory(model_dir: Path, name: str, dtype: torch.dtype, device) -> L
 
     files = safetensors_files(model_dir)
     if not files:
-        raise FileNotFoundError(f"{model_dir} has no *.safetensors weights (other checkpoint formats are not supported)")
+        raise FileNotFoundError(
+            f"{model_dir} has no *.safetensors weights (other checkpoint formats are not supported)"
+        )
     with torch.device("meta"):
         module = model_cls(config)
     load_checkpoint_weights(module, iter_safetensors(files), dtype, device)

@@ -75,7 +75,9 @@ def load_checkpoint_weights(
         assert isinstance(module, PackedLinear)
         start, size = module.shard_ranges[shard]
         if tensor.shape[0] != size or tuple(tensor.shape[1:]) != tuple(shape[1:]):
-            raise ValueError(f"{ckpt_name}: checkpoint shape {tuple(tensor.shape)} does not fit shard {shard} of {name}")
+            raise ValueError(
+                f"{ckpt_name}: checkpoint shape {tuple(tensor.shape)} does not fit shard {shard} of {name}"
+            )
         if name not in filled:
             filled[name] = torch.empty(shape, dtype=dtype, device=device)
             rows_filled[name] = 0

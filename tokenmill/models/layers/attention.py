@@ -52,7 +52,9 @@ class AttentionMetadata:
     """Built once per engine step by the runner, shared (read-only) by all layers.
 
     Tokens are flattened sequence by sequence. Tensors live on the model device;
-    the ``*_cpu`` lists mirror them for Python-side planning without syncs.
+    the ``*_cpu`` fields mirror them for Python-side planning without syncs.
+    Layers only read it, except that the first layer using a given sliding
+    window memoizes that window's gather plan (see :meth:`window_plan`).
     """
 
     positions: torch.Tensor  # [num_tokens] int64 absolute position of each new token
@@ -244,7 +246,7 @@ def paged_attention(
         # A decode has one query per head, so the query heads sharing a KV head
         # can stand in for the query-length axis: GQA without repeating K/V.
         dq = q if md.all_decode else q.index_select(0, md.decode_token_ids)
-        dq = dq.view(n, num_kv_heads, group, head_dim)
+        dq = dq.reshape(n, num_kv_heads, group, head_dim)
         o = F.scaled_dot_product_attention(dq, keys, values, attn_mask=plan.decode_mask, scale=scale)
         o = o.reshape(n, num_heads, head_dim)
         if md.all_decode:
