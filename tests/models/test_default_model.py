@@ -3,7 +3,6 @@
 import pytest
 import torch
 from paged_harness import PagedHarness
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenmill.models import gguf_cache, load_model
 from tokenmill.models.loader import default_model_path
@@ -17,16 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return load_model(None)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model.eval(), tokenizer
+def loaded(default_model):
+    return default_model
 
 
 def test_info(loaded):
@@ -51,16 +42,16 @@ def test_second_load_is_served_from_cache(loaded, monkeypatch):
     assert again.info == loaded.info
 
 
-def test_tokenizer_matches_transformers(loaded, reference):
-    _, tokenizer = reference
+def test_tokenizer_matches_transformers(loaded, hf_default_tokenizer):
+    tokenizer = hf_default_tokenizer
     for text in PROMPTS:
         assert loaded.tokenizer(text).input_ids == tokenizer(text).input_ids
     ids = tokenizer(PROMPTS[1]).input_ids
     assert loaded.tokenizer.decode(ids) == tokenizer.decode(ids)
 
 
-def test_logits_and_greedy_match_transformers(loaded, reference):
-    model, tokenizer = reference
+def test_logits_and_greedy_match_transformers(loaded, hf_default_model):
+    model, tokenizer = hf_default_model, loaded.tokenizer
     info = loaded.info
     h = PagedHarness(loaded.model, info.num_layers, info.num_kv_heads, info.head_dim, block_size=16, num_blocks=64)
     for seq_id, text in enumerate(PROMPTS):

@@ -19,6 +19,9 @@ from tokenmill.engine.core import EngineCore, EngineOverloadedError, RequestUpda
 from tokenmill.engine.outputs import SampleLogprobs
 from tokenmill.engine.request import Request, SamplingParams
 
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "EngineStats", "RequestFailedError",
+           "RequestTimes", "StreamDelta"]
+
 logger = logging.getLogger(__name__)
 
 
