@@ -1,4 +1,4 @@
-"""Command line: `tokenmill generate` (more commands join as they are built)."""
+"""Command line: `tokenmill serve | generate`."""
 from __future__ import annotations
 
 import argparse
@@ -21,18 +21,78 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=2048,
                        help="token budget of one engine step (long prompts are chunked to fit)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    group.add_argument("--kv-cache-memory", type=int, default=None,
-                       help="bytes reserved for the KV cache (default 2 GiB)")
+    group.add_argument("--kv-cache-memory", type=parse_size, default=None,
+                       help="memory reserved for the KV cache, e.g. 2GiB, 512MB or bytes (default 2GiB); "
+                            "the CPU counterpart of vLLM's --gpu-memory-utilization")
+    group.add_argument("--kv-cache-tokens", type=int, default=None,
+                       help="size the KV cache in tokens instead (rounded up to whole blocks)")
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse the KV blocks of shared prompt prefixes")
     group.add_argument("--seed", type=int, default=0, help="seed of the engine's shared random generator")
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MB', '1e9' or plain bytes -> bytes."""
+    value = text.strip().lower()
+    number = value.rstrip("kmgib")
+    unit = value[len(number):]
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2GiB, 512MB or bytes)") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+    num_kv_blocks = None
+    if args.kv_cache_tokens is not None:
+        if args.kv_cache_tokens < 1:
+            raise ValueError("--kv-cache-tokens must be positive")
+        num_kv_blocks = -(-args.kv_cache_tokens // args.block_size)
+    return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_kv_blocks=num_kv_blocks,
                 enable_prefix_caching=args.enable_prefix_caching, seed=args.seed)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from tokenmill.config import EngineConfig
+    from tokenmill.server.app import ServerConfig, build_app
+
+    if args.model is not None and not Path(args.model).exists():
+        raise FileNotFoundError(f"model not found: {args.model}")
+    config = ServerConfig(
+        engine=EngineConfig(**_engine_kwargs(args)), served_model_name=args.served_model_name, host=args.host,
+        port=args.port, api_key=args.api_key, chat_template=args.chat_template,
+        max_waiting_requests=args.max_waiting_requests, request_timeout=args.request_timeout,
+        max_tokens_cap=args.max_tokens_cap, drain_timeout=args.drain_timeout)
+    failure: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_failure(error: BaseException) -> None:
+        failure.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(config, on_load_failure=on_load_failure)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.drain_timeout, access_log=False))
+    print(f"tokenmill: loading {config.model_name} ...", flush=True)
+    server.run()
+    if failure:
+        raise ValueError(f"could not load the model: {failure[0]}")
+    if not server.started:
+        return 1
+    return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -46,7 +106,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give at least one --prompt or a --prompts-file")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sampling_seed, stop=args.stop or None)
-    llm = LLM(model=args.model, **_engine_kwargs(args))
+    llm = LLM(**_engine_kwargs(args))
     outputs = llm.generate(prompts, params, use_tqdm=not args.json and len(prompts) > 1)
     for output in outputs:
         completion = output.outputs[0]
@@ -62,6 +122,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: a production LLM serving stack")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                                description="Serve a model over an OpenAI-compatible HTTP API (completions, chat, "
+                                            "streaming, /health, /metrics, /tokenize, /detokenize).")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--served-model-name", default=None,
+                       help="model name clients use (default: gemma-3-270m, or the model's file/folder name)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    serve.add_argument("--chat-template", default=None,
+                       help="Jinja chat template (file or inline); default: the model's, else a Gemma or generic one")
+    serve.add_argument("--max-waiting-requests", type=int, default=512,
+                       help="bound of the waiting queue; beyond it requests get 503 with Retry-After")
+    serve.add_argument("--request-timeout", type=float, default=None,
+                       help="seconds after which a request is aborted (finish_reason 'timeout')")
+    serve.add_argument("--max-tokens-cap", type=int, default=None,
+                       help="upper bound applied to every request's max_tokens")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="on SIGTERM, seconds to let running requests finish before exiting")
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                       help="server log level")
+    _add_engine_args(serve)
+    serve.set_defaults(handler=_cmd_serve)
 
     generate = commands.add_parser("generate", help="generate completions for prompts (offline engine)",
                                    description="Generate completions for one or more prompts with the offline engine.")
@@ -85,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
+    except (ValueError, OSError) as error:
         print(f"tokenmill {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

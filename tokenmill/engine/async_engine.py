@@ -12,14 +12,14 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from tokenmill.engine.core import EngineCore, EngineOverloadedError, RequestUpdate
 from tokenmill.engine.outputs import SampleLogprobs
 from tokenmill.engine.request import Request, SamplingParams
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "EngineStats", "RequestFailedError",
+__all__ = ["AsyncEngine", "RequestHandle", "EngineDeadError", "EngineOverloadedError", "EngineStats", "RequestFailedError",
            "RequestTimes", "StreamDelta"]
 
 logger = logging.getLogger(__name__)
@@ -95,10 +95,10 @@ class _Stream:
 
 
 class AsyncEngine:
-    """Contracts: `generate()` raises ValueError (invalid request) or
-    EngineOverloadedError (queue full) before yielding anything; then it yields
-    lists of `StreamDelta` until every completion has finished. Leaving the
-    iteration early (client gone, timeout, cancellation) aborts the request and
+    """Contracts: `submit()` raises ValueError (invalid request) or
+    EngineOverloadedError (queue full) and leaves nothing behind; an accepted
+    request yields lists of `StreamDelta` until every completion has finished.
+    Closing it early (client gone, timeout, cancellation) aborts the request and
     frees its blocks at once."""
 
     def __init__(self, core: EngineCore, max_waiting_requests: int | None = None) -> None:
@@ -133,8 +133,10 @@ class AsyncEngine:
         return len(self._streams)
 
     # ---- requests ------------------------------------------------------------
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[list[StreamDelta]]:
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestHandle:
+        """Queue a request and wait until the engine has accepted it. Raises
+        ValueError (invalid), EngineOverloadedError (queue full) or EngineDeadError.
+        The caller must `close()` the handle when done with it (idempotent)."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
         if request_id in self._streams:
@@ -143,22 +145,29 @@ class AsyncEngine:
         self._streams[request_id] = stream
         accepted: Future = Future()
         self._commands.put(("add", (request_id, prompt_token_ids, params), accepted))
-        finished = False
         try:
             await asyncio.wrap_future(accepted)
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                stream.num_open -= sum(1 for delta in item if delta.finish_reason is not None)
-                if stream.num_open <= 0:
-                    finished = True
-                    return
-        finally:
+        except BaseException:
             self._streams.pop(request_id, None)
-            if not finished:
+            rejected = accepted.done() and not accepted.cancelled() and accepted.exception() is not None
+            if not rejected:  # cancelled while queued: the add may still run, so undo it
                 self._commands.put(("abort", request_id, None))
+            raise
+        return RequestHandle(self, request_id, stream)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[list[StreamDelta]]:
+        """`submit()` and iterate; leaving the loop early aborts the request."""
+        handle = await self.submit(request_id, prompt_token_ids, params)
+        try:
+            async for deltas in handle:
+                yield deltas
+        finally:
+            handle.close()
+
+    def _close(self, request_id: str, finished: bool) -> None:
+        if self._streams.pop(request_id, None) is not None and not finished:
+            self._commands.put(("abort", request_id, None))
 
     # ---- the engine thread -----------------------------------------------------
     def _run(self) -> None:
@@ -198,9 +207,9 @@ class AsyncEngine:
             try:
                 self.core.add_request(request_id, prompt_token_ids, params, self.max_waiting_requests)
             except Exception as error:
-                future.set_exception(error)
+                _settle(future, error)
             else:
-                future.set_result(None)
+                _settle(future, None)
             self._publish_stats()
         elif kind == "abort":
             self.core.abort_request(payload)
@@ -244,3 +253,42 @@ class AsyncEngine:
 
     def _fail_all_streams(self, error: BaseException) -> None:
         self._fail_streams(list(self._streams), error)
+
+
+def _settle(future: Future, error: Exception | None) -> None:
+    """Resolve a submit future unless the submitter has given up on it."""
+    try:
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        pass  # cancelled by the submitter; its abort command follows
+
+
+class RequestHandle:
+    """An accepted request: iterate it for lists of `StreamDelta` until every
+    completion has finished; `close()` aborts it if it has not (freeing its
+    blocks at once) and is safe to call more than once."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._stream = stream
+        self._finished = False
+
+    async def __aiter__(self) -> AsyncIterator[list[StreamDelta]]:
+        while not self._finished:
+            item = await self._stream.queue.get()
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            self._stream.num_open -= sum(1 for delta in item if delta.finish_reason is not None)
+            if self._stream.num_open <= 0:
+                self._finished = True
+                self.engine._close(self.request_id, finished=True)
+            yield item
+
+    def close(self) -> None:
+        self.engine._close(self.request_id, self._finished)
+        self._finished = True
