@@ -1,10 +1,10 @@
-# Two entry points, both from nothing: `make run` and `make test`.
+# Two entry points, both from nothing: `make serve` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install serve generate test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Set up and run the main job: generate with the default model (Gemma 3 270M).
-run: $(STAMP)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# Set up and run the main job: serve the default model (Gemma 3 270M) on an OpenAI-compatible API.
+serve: $(STAMP)
+	$(VENV)/bin/tokenmill serve --host $(HOST) --port $(PORT)
+
+# Offline generation with the default model, no server.
+generate: $(STAMP)
 	$(VENV)/bin/tokenmill generate --max-tokens 48 \
 		--prompt "The three most important ideas in distributed systems are" \
 		--prompt "def fibonacci(n):"
