@@ -85,6 +85,15 @@ class ServerMetrics:
     def observe_token_gap(self, seconds: float) -> None:
         self.itl.observe(seconds)
 
+    def observe_cut_short(self, reason: str, num_prompt_tokens: int, num_output_tokens: int,
+                          count_prompt: bool) -> None:
+        """A completion ended by the server (client gone: "abort"; --request-timeout:
+        "timeout") before the engine finished it: it has no engine timings."""
+        self.finished.labels(self.model_name, reason).inc()
+        if count_prompt:
+            self.prompt_tokens.inc(num_prompt_tokens)
+        self.generation_tokens.inc(num_output_tokens)
+
     def observe_finished(self, times: RequestTimes, finish_reason: str, count_prompt: bool = True) -> None:
         """One completion (one of a request's n) has ended; the prompt of an
         `n > 1` request is counted once (`count_prompt` on one completion only)."""

@@ -237,6 +237,8 @@ class OpenAIServing:
                         for index, choice in enumerate(state.choices):
                             if choice.finish_reason is None:
                                 choice.finish_reason = TIMEOUT_FINISH_REASON
+                                self.metrics.observe_cut_short(TIMEOUT_FINISH_REASON, len(state.token_ids),
+                                                               len(choice.token_ids), count_prompt=index == 0)
                                 yield state_index, StreamDelta(index=index, token_id=None, text="", logprobs=None,
                                                                finish_reason=TIMEOUT_FINISH_REASON), \
                                     TIMEOUT_FINISH_REASON
@@ -253,6 +255,12 @@ class OpenAIServing:
                 task.cancel()
             for stream in streams:
                 stream.close()
+            for state in states:  # whatever is still open was cut short by the client leaving
+                for index, choice in enumerate(state.choices):
+                    if choice.finish_reason is None:
+                        choice.finish_reason = "abort"
+                        self.metrics.observe_cut_short("abort", len(state.token_ids), len(choice.token_ids),
+                                                       count_prompt=index == 0)
 
     def _record(self, state: _PromptState, delta: StreamDelta) -> str | None:
         choice = state.choices[delta.index]
