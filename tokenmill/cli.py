@@ -1,10 +1,14 @@
-"""Command line: `tokenmill serve | generate`."""
+"""Command line: `tokenmill serve | generate | bench | plan`."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+
+from tokenmill.bench.options import add_bench_arguments
+from tokenmill.planner.command import add_plan_arguments
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +123,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from tokenmill.bench.command import run_bench
+
+    return run_bench(args)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from tokenmill.planner.command import run_plan
+
+    return run_plan(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: a production LLM serving stack")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -159,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     _add_engine_args(generate)
     generate.set_defaults(handler=_cmd_generate)
+
+    bench = commands.add_parser("bench", help="load-test an OpenAI-compatible server (TTFT, ITL, goodput, sizing)",
+                                description="Load-test any OpenAI-compatible server with streamed requests: TTFT, "
+                                            "per-token ITL, TPOT, E2E, throughput, goodput under SLOs, sweeps and "
+                                            "the largest number of concurrent users kept within target. Formulas: "
+                                            "docs/metrics.md.")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_cmd_bench)
+
+    plan = commands.add_parser("plan", help="capacity and cost planner: traffic -> GPUs -> monthly bill",
+                               description="Turn a traffic description into a fleet and a monthly bill, tied to a "
+                                           "roofline model of the engine; compare GPUs, precisions and APIs; "
+                                           "calibrate on a tokenmill bench sweep. Formulas: docs/planner.md.")
+    add_plan_arguments(plan)
+    plan.set_defaults(handler=_cmd_plan)
     return parser
 
 
@@ -168,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) has gone: not an error of ours. Point stdout
+        # at devnull so the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as error:
         print(f"tokenmill {args.command}: error: {error}", file=sys.stderr)
         return 2

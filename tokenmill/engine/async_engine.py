@@ -141,6 +141,10 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if self.max_waiting_requests is not None and 0 < self.max_waiting_requests < params.n:
+            # Its n completions wait together: a full queue is not the reason, retrying never helps.
+            raise ValueError(f"n={params.n} completions cannot fit the waiting queue "
+                             f"(max_waiting_requests {self.max_waiting_requests})")
         stream = _Stream(num_open=params.n)
         self._streams[request_id] = stream
         accepted: Future = Future()

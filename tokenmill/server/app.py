@@ -161,8 +161,12 @@ def build_app(config: ServerConfig, loaded_model=None, on_load_failure=None) -> 
         if serving.tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
         if body.messages is not None:
-            tokens = render_chat(serving.tokenizer, state.chat_template,
-                                 [{"role": m.role, "content": m.text} for m in body.messages])
+            try:
+                tokens = render_chat(serving.tokenizer, state.chat_template,
+                                     [{"role": m.role, "content": m.text} for m in body.messages])
+            except Exception as error:  # as in chat completions: the conversation's fault (e.g. role order)
+                raise APIError(400, f"the messages cannot be rendered with the chat template: {error}",
+                               param="messages") from error
         else:
             tokens = serving.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
         return {"tokens": tokens, "count": len(tokens), "max_model_len": serving.config.max_model_len}

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 # Gemma's turn format; a leading system message is folded into the first user
-# turn, as Gemma has no system role.
+# turn, as Gemma has no system role. Newlines that end a turn are written inside
+# `{{ }}`: as plain text before a `{%-` tag, whitespace control would strip them.
 GEMMA_TEMPLATE = (
     "{{ bos_token }}"
     "{%- if messages[0]['role'] in ['system', 'developer'] -%}"
@@ -14,15 +15,15 @@ GEMMA_TEMPLATE = (
     "{%- for message in loop_messages -%}"
     "{%- set role = 'model' if message['role'] == 'assistant' else 'user' -%}"
     "<start_of_turn>{{ role }}\n{{ ((first_user_prefix if loop.first else '') + message['content']) | trim }}"
-    "<end_of_turn>\n"
+    "{{ '<end_of_turn>\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<start_of_turn>model\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
 
-# For models that ship no template: plain role-prefixed turns.
+# For models that ship no template: plain role-prefixed turns, one per line.
 GENERIC_TEMPLATE = (
     "{{ bos_token if bos_token else '' }}"
-    "{%- for message in messages -%}{{ message['role'] }}: {{ message['content'] | trim }}\n{%- endfor -%}"
+    "{%- for message in messages -%}{{ message['role'] }}: {{ message['content'] | trim }}{{ '\\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}assistant:{%- endif -%}"
 )
 

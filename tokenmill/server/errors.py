@@ -87,6 +87,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message, type_, code=error.status_code), status_code=error.status_code,
                             headers=getattr(error, "headers", None))
 
+    # Failures with a known status (bad input the engine refuses, overload, engine
+    # gone) are answered by their own handlers. The catch-all below sits in
+    # Starlette's outermost middleware, which re-raises after answering: the
+    # connection is dropped and a traceback logged, right only for real 500s.
+    async def _known(_: Request, error: Exception):
+        return error_response(to_api_error(error))
+
+    for known in (ValueError, EngineOverloadedError, EngineDeadError, RequestFailedError):
+        app.add_exception_handler(known, _known)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception):
         return error_response(to_api_error(error))

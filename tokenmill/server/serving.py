@@ -92,10 +92,15 @@ class OpenAIServing:
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt")
         token_lists = []
+        vocab_size = self.engine.core.model_info.vocab_size
         for item in prompts:
             ids = self.tokenizer(item).input_ids if isinstance(item, str) else list(item)
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
+            # Checked here, not only by the engine: `echo` decodes the ids before submitting.
+            if any(token >= vocab_size for token in ids):
+                raise APIError(400, f"prompt token ids must be below the vocabulary size ({vocab_size})",
+                               param="prompt")
             token_lists.append(ids)
         return token_lists
 
