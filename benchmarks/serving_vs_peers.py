@@ -255,8 +255,8 @@ def render_section(args, runs: list[ServerRun], started: str) -> str:
     import transformers
 
     target = MaxUsersSearch(per_user_tps=args.per_user_tps, ttft_p95=args.ttft_p95_ms / 1e3)
-    ok = [run for run in runs if run.document is not None]
-    workload = ok[0].document["config"]["workload"] if ok else ""
+    threads = (f"{args.threads} intra-op thread{'s' if args.threads > 1 else ''} (`OMP_NUM_THREADS`)"
+               if args.threads else "torch's default intra-op threads")
     lines = [
         "## Online serving: tokenmill serve vs. transformers serve",
         "",
@@ -267,16 +267,21 @@ def render_section(args, runs: list[ServerRun], started: str) -> str:
         "```",
         "",
         (f"Machine: {cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__}, transformers "
-         f"{transformers.__version__}, Python {platform.python_version()}; each server alone on the machine's "
-         f"CPU with {args.threads or 'the default number of'} intra-op thread(s) (`OMP_NUM_THREADS`), "
-         "float32, the default model (Gemma 3 270M Q4_K_M GGUF, dequantized)."),
+         f"{transformers.__version__}, Python {platform.python_version()}. Each server runs alone (one after the "
+         f"other), float32, {threads}, on the default model (Gemma 3 270M Q4_K_M GGUF, dequantized by each)."),
         "",
-        (f"Workload, identical for both: completions endpoint, {workload}, exactly {args.output_len} output "
-         f"tokens per request (tokenmill `ignore_eos`; transformers a request `generation_config` without EOS), "
-         f"greedy, seed {args.seed}; a sweep over concurrency {', '.join(map(str, args.sweep))} with "
-         f"{args.requests_per_user} requests per concurrent user at each point, after {args.warmup} warm-up "
-         "requests. No logprobs requested; output counts from each server's `usage`, per-chunk token counts from "
-         "the same local tokenizer. Metric definitions: [metrics.md](metrics.md#benchmark-metrics)."),
+        (f"Workload, identical for both: the completions endpoint, synthetic prompts of about {args.input_len} "
+         f"tokens (seed {args.seed}), exactly {args.output_len} output tokens per request (tokenmill "
+         "`ignore_eos`; transformers a request `generation_config` without EOS), greedy; a sweep over "
+         f"concurrency {', '.join(map(str, args.sweep))} with {args.requests_per_user} request(s) per concurrent "
+         f"user at each point, after {args.warmup} warm-up request(s). No logprobs requested; output counts from "
+         "each server's `usage`, per-chunk token counts from the same local tokenizer. Metric definitions: "
+         "[metrics.md](metrics.md#benchmark-metrics)."),
+        "",
+        ("`transformers serve` cannot open the GGUF file itself (it reads `config.architectures`, which a "
+         "GGUF-derived config lacks), and `save_pretrained` refuses a GGUF-loaded model; so the script loads the "
+         "GGUF once with transformers' own GGUF loader (float32), drops the quantizer marker and saves a Hugging "
+         "Face directory, `$HF_DIR`, which `transformers serve` loads with continuous batching on."),
         "",
         "Commands (`$PORT` is a free port, `$HF_DIR` the exported directory):",
         "",

@@ -94,3 +94,13 @@ def test_duration_bounds_a_closed_loop(serve_script, run_bench):
     summary = result.runs[0].summary
     assert 6 <= summary["num_requests"] <= 12 and summary["failed"] == 0
     assert summary["duration_s"] < 0.8
+
+
+def test_no_request_waits_for_a_connection_across_pool_shards(serve_script, run_bench):
+    # 20 users over pools of at most 8 connections: 3 pools of 7; each request takes the least busy one.
+    server = serve_script(FakeScript(ttft=0.1, itl=0.005, output_tokens=4))
+    result = run_bench(server.base_url, load=LoadShape(concurrency=20, num_requests=60),
+                       output_len=LengthDistribution("fixed", 4), warmup=20)
+    summary = result.runs[0].summary
+    assert summary["peak_in_flight"] == 20 and summary["failed"] == 0
+    assert summary["ttft_ms"]["max"] < 150  # a request queued behind a busy pool would wait ~115 ms more

@@ -1,7 +1,12 @@
 """Send one streamed request and record what arrived when: `StreamingClient.send`.
 
-One `httpx.AsyncClient` serves a whole run; its pool holds as many connections
-as the run can have in flight, so no request waits for a connection. The hot
+A run's requests share a few `httpx.AsyncClient` pools of at most
+`POOL_SHARD_SIZE` keep-alive connections each, together as many connections as
+the run can have in flight, so no request waits for a connection; each request
+takes the pool with the fewest requests in flight (which always has room).
+Sharding matters because httpcore scans its whole pool at every request start
+and end: one pool of 64 connections doubled the bench's CPU per request
+(benchmarks/bench_overhead.py). The hot
 loop stamps each network read with `time.perf_counter()`, splits it into SSE
 events and keeps, per content chunk, its arrival time, its text and (when the
 server sends logprobs) how many tokens it carries. Everything derived from
@@ -33,6 +38,8 @@ from tokenmill.bench.sse import SSEParser
 from tokenmill.bench.workload import RequestSpec
 
 FAILED_FINISH_REASONS = frozenset({"abort", "timeout", "error", "cancelled"})
+POOL_SHARD_SIZE = 8
+UNBOUNDED_POOLS = 16  # open loops without a concurrency cap: unbounded pools, load spread over this many
 
 
 @dataclass(slots=True, eq=False)
@@ -116,13 +123,21 @@ class StreamingClient:
                    "Accept-Encoding": "identity"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
+        if max_connections is None:
+            num_pools, per_pool = UNBOUNDED_POOLS, None
+        else:
+            num_pools = -(-max_connections // POOL_SHARD_SIZE)
+            per_pool = -(-max_connections // num_pools)
         # Keep-alive for every slot: reconnecting would be measured as latency.
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self.http = httpx.AsyncClient(headers=headers, limits=limits, trust_env=False,
-                                      timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0), pool=None))
+        limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
+        self.pools = [httpx.AsyncClient(headers=headers, limits=limits, trust_env=False,
+                                        timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0), pool=None))
+                      for _ in range(num_pools)]
+        self.pool_loads = [0] * num_pools
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        for pool in self.pools:
+            await pool.aclose()
 
     def body(self, spec: RequestSpec) -> bytes:
         payload: dict = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
@@ -145,11 +160,14 @@ class StreamingClient:
     async def send(self, spec: RequestSpec, index: int) -> RequestRecord:
         record = RequestRecord(index=index, spec=spec)
         body = self.body(spec)
+        loads = self.pool_loads
+        pool = loads.index(min(loads)) if len(loads) > 1 else 0
+        loads[pool] += 1
         answered = False
         record.start = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
-                async with self.http.stream("POST", self.url, content=body) as response:
+                async with self.pools[pool].stream("POST", self.url, content=body) as response:
                     answered = True
                     if not 200 <= response.status_code < 300:
                         record.fail(f"http_{response.status_code}", error_message(await response.aread()))
@@ -159,6 +177,8 @@ class StreamingClient:
             record.fail("timeout", f"no complete answer within {self.timeout:g} s")
         except (httpx.HTTPError, OSError) as error:
             record.fail("truncated" if answered else "connection", describe_http_error(error))
+        finally:
+            loads[pool] -= 1
         if record.end == 0.0:
             record.end = time.perf_counter()
         if record.failure is None:

@@ -94,6 +94,8 @@ class OpenAIServing:
         token_lists = []
         vocab_size = self.engine.core.model_info.vocab_size
         for item in prompts:
+            if isinstance(item, str) and self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: give the prompt as token ids", param="prompt")
             ids = self.tokenizer(item).input_ids if isinstance(item, str) else list(item)
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
@@ -107,6 +109,8 @@ class OpenAIServing:
     # ---- endpoints -----------------------------------------------------------
     async def create_completion(self, body: CompletionRequest, raw: Request):
         self.check_model(body.model)
+        if body.echo and self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, so echo is not available", param="echo")
         prompts = self._tokenize_prompts(body.prompt)
         params = [body.sampling_params(self._max_tokens(body.max_tokens, 16, len(ids)), body.logprobs)
                   for ids in prompts]
@@ -177,7 +181,8 @@ class OpenAIServing:
                     yield _sse({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}], **usage_field})
                 async for _, delta, finished_now in self._run(streams, states):
-                    if delta.text or finished_now is None:
+                    # A last token that adds no text still has its logprobs to report.
+                    if delta.text or finished_now is None or (body.logprobs and delta.token_id is not None):
                         logprobs = self._chat_logprobs([_delta_logprob(delta)]) if body.logprobs else None
                         yield _sse({**base, "choices": [{"index": delta.index, "delta": {"content": delta.text},
                                                          "logprobs": logprobs, "finish_reason": None}],
