@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from tokenmill.bench.options import add_bench_arguments
@@ -91,6 +92,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.drain_timeout, access_log=False))
     print(f"tokenmill: loading {config.model_name} ...", flush=True)
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler that
+    # was installed before it started; a no-op one lets a drained server exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     if failure:
         raise ValueError(f"could not load the model: {failure[0]}")

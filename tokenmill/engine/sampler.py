@@ -49,7 +49,8 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     device = logits.device
     temperature = torch.tensor([max(row.params.temperature, 1e-5) for row in rows], device=device)
     logits = logits / temperature.unsqueeze(1)
-    top_k = [row.params.top_k if row.params.top_k > 0 else logits.shape[-1] for row in rows]
+    vocab_size = logits.shape[-1]
+    top_k = [min(row.params.top_k, vocab_size) if row.params.top_k > 0 else vocab_size for row in rows]
     top_p = [row.params.top_p for row in rows]
     if any(k < logits.shape[-1] for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill.engine.request import SamplingParams
 
@@ -54,6 +54,14 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        # OpenAI clients send `"temperature": null` for "not set": treat it as absent.
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
     def sampling_params(self, max_tokens: int | None, num_logprobs: int | None) -> SamplingParams:
         """The engine's parameters; raises ValueError for combinations pydantic cannot see."""
