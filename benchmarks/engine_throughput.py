@@ -21,6 +21,7 @@ max_model_len per request.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -149,9 +150,12 @@ class RunResult:
     seconds: float | None = None
     generated_tokens: int = 0
     expected_tokens: int = 0
+    output_len: int = 0               # tokens asked of each request
     token_ids: list[list[int]] = field(default_factory=list)
     note: str = ""
     error: str | None = None
+    other_load: float | None = None   # CPU share used by other processes during the timed call
+    attempts: int = 1
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -161,7 +165,12 @@ class RunResult:
 
     @property
     def complete(self) -> bool:
-        return self.error is None and self.generated_tokens == self.expected_tokens
+        return (self.error is None and self.generated_tokens == self.expected_tokens
+                and self.num_requests_with_full_output == len(self.token_ids))
+
+    @property
+    def num_requests_with_full_output(self) -> int:
+        return sum(1 for t in self.token_ids if len(t) == self.output_len)
 
 
 def _log(msg: str) -> None:
@@ -172,6 +181,89 @@ def _count(token_lists: list[list[int]]) -> int:
     return sum(len(t) for t in token_lists)
 
 
+# --------------------------------------------------------------------------- contention
+def _machine_busy_s() -> float | None:
+    """CPU seconds spent busy by the whole machine since boot (all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_busy_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class CpuMonitor:
+    """Share of the machine's CPU used by *other* processes while a block runs
+    (0 = this benchmark had the cores to itself)."""
+
+    def __enter__(self):
+        self.m0, self.o0, self.t0 = _machine_busy_s(), _own_busy_s(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        m1, o1, wall = _machine_busy_s(), _own_busy_s(), time.perf_counter() - self.t0
+        if self.m0 is None or m1 is None or wall <= 0:
+            self.other = None
+        else:
+            self.other = max(0.0, ((m1 - self.m0) - (o1 - self.o0)) / (wall * (os.cpu_count() or 1)))
+        return False
+
+
+def wait_for_idle(threshold: float, max_wait: float, quiet_windows: int = 3) -> float | None:
+    """Wait (up to max_wait seconds) until other processes have used less than
+    `threshold` of the CPU for `quiet_windows` consecutive 2-second windows;
+    returns the last measured share."""
+    deadline = time.perf_counter() + max_wait
+    announced = False
+    quiet = 0
+    while True:
+        with CpuMonitor() as mon:
+            time.sleep(2.0)
+        if mon.other is None:
+            return None
+        quiet = quiet + 1 if mon.other < threshold else 0
+        if quiet >= quiet_windows or time.perf_counter() >= deadline:
+            return mon.other
+        if quiet == 0 and not announced:
+            _log(f"other processes use {mon.other:.0%} of the CPU; waiting up to {max_wait:.0f}s for them to finish")
+            announced = True
+
+
+def run_with_retries(label: str, args, attempt) -> RunResult:
+    """Run `attempt()` (warm-up + one timed call, returning a RunResult) until other
+    processes used less than --idle-threshold of the CPU during the timed call, at
+    most --attempts times; keep the least disturbed run."""
+    best = None
+    for i in range(args.attempts):
+        result = attempt()
+        if best is None or (result.error is None and (best.error is not None or
+                                                     (result.other_load or 0.0) < (best.other_load or 0.0))):
+            best = result
+        if result.error or result.other_load is None or result.other_load < args.idle_threshold:
+            break
+        if i + 1 < args.attempts:
+            _log(f"{label}: other processes used {result.other_load:.0%} of the CPU during the timed call "
+                 f"({result.seconds:.1f}s); running it again")
+    best.attempts = i + 1
+    return best
+
+
+def timed(args, fn):
+    """Wait for a quiet machine, then time fn(); returns (value, seconds, other CPU share)."""
+    wait_for_idle(args.idle_threshold, args.idle_wait)
+    with CpuMonitor() as mon:
+        start = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - start
+    return value, seconds, mon.other
+
+
 # --------------------------------------------------------------------------- tokenmill
 def run_tokenmill(dtype: str, workload: Workload, warm: list[list[int]], args) -> tuple[RunResult, dict | None]:
     import torch
@@ -179,41 +271,46 @@ def run_tokenmill(dtype: str, workload: Workload, warm: list[list[int]], args) -
     from tokenmill import LLM, SamplingParams
     from tokenmill.models.loader import load_model
 
-    result = RunResult("tokenmill", dtype, expected_tokens=workload.num_requests * workload.output_len)
-    torch_dtype = getattr(torch, dtype)
     t0 = time.perf_counter()
-    loaded = load_model(None, dtype=torch_dtype, device="cpu")
+    loaded = load_model(None, dtype=getattr(torch, dtype), device="cpu")
     _log(f"tokenmill {dtype}: model loaded in {time.perf_counter() - t0:.1f}s")
-    engine_kwargs = dict(dtype=dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batch_tokens,
-                         block_size=args.block_size, enable_prefix_caching=True)
+    engine_kwargs = {"dtype": dtype, "max_num_seqs": args.max_num_seqs,
+                     "max_num_batched_tokens": args.max_batch_tokens, "block_size": args.block_size,
+                     "enable_prefix_caching": True}
     if args.kv_cache_memory is not None:
         engine_kwargs["kv_cache_memory"] = args.kv_cache_memory
     params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in workload.prompts]
 
-    kv_report = None
-    try:
-        llm = LLM(loaded_model=loaded, **engine_kwargs)
-        llm.generate([{"prompt_token_ids": p} for p in warm],
-                     SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-        start = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in workload.prompts], params, use_tqdm=False)
-        result.seconds = time.perf_counter() - start
-        result.token_ids = [list(o.outputs[0].token_ids) for o in outs]
-        result.generated_tokens = _count(result.token_ids)
-        reasons = sorted({str(o.outputs[0].finish_reason) for o in outs})
-        result.note = f"finish reasons: {', '.join(reasons)}"
-        del llm
+    def attempt() -> RunResult:
+        result = RunResult("tokenmill", dtype, expected_tokens=workload.num_requests * workload.output_len,
+                           output_len=workload.output_len)
+        try:
+            # A fresh engine per attempt (same weights), so no attempt finds the prompts in the prefix cache.
+            llm = LLM(loaded_model=loaded, **engine_kwargs)
+            llm.generate([{"prompt_token_ids": p} for p in warm],
+                         SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+            outs, result.seconds, result.other_load = timed(
+                args, lambda: llm.generate(prompts, params, use_tqdm=False))
+            result.token_ids = [list(o.outputs[0].token_ids) for o in outs]
+            result.generated_tokens = _count(result.token_ids)
+            reasons = sorted({str(o.outputs[0].finish_reason) for o in outs})
+            result.note = f"finish reasons: {', '.join(reasons)}"
+        except Exception as exc:  # noqa: BLE001 - report it and go on with the other engines
+            result.error = f"{type(exc).__name__}: {exc}"
+            _log(f"tokenmill {dtype} failed: {result.error}")
         gc.collect()
-        if dtype == args.kv_dtype and not args.skip_kv:
-            # A fresh engine on the same weights: nothing cached from the timed run.
+        return result
+
+    result = run_with_retries(f"tokenmill {dtype}", args, attempt)
+    kv_report = None
+    if dtype == args.kv_dtype and not args.skip_kv and result.error is None:
+        try:
             llm = LLM(loaded_model=loaded, **engine_kwargs)
             kv_report = measure_kv(llm, workload, params)
-            del llm
-            gc.collect()
-    except Exception as exc:  # report and go on with the other engines
-        result.error = f"{type(exc).__name__}: {exc}"
-        _log(f"tokenmill {dtype} failed: {result.error}")
-    del loaded
+            kv_report["dtype"] = dtype
+        except Exception as exc:  # noqa: BLE001
+            _log(f"tokenmill KV accounting failed: {type(exc).__name__}: {exc}")
     gc.collect()
     return result, kv_report
 
@@ -227,26 +324,33 @@ def measure_kv(llm, workload: Workload, params) -> dict:
     bytes_per_block = engine.runner.kv_cache_bytes / num_blocks
     for i, prompt in enumerate(workload.prompts):
         engine.add_request(f"kv-{i}", prompt, params)
-    peak = None
+    peak = None        # first step at which the most blocks are in use
+    peak_last = None   # last step with that many blocks in use (its blocks are the fullest)
     steps = 0
     generated = 0
+    waste_sum = 0.0
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         updates = engine.step()
         steps += 1
         generated += sum(1 for u in updates if u.new_token_id is not None)
         used = num_blocks - kvm.pool.num_free_blocks
+        running = list(engine.scheduler.running)
+        snapshot = {
+            "step": steps,
+            "blocks_in_use": used,
+            "running_requests": len(running),
+            "waiting_requests": len(engine.scheduler.waiting),
+            "tokens_stored": sum(r.num_computed_tokens for r in running),
+            "tokens_known": sum(r.num_tokens for r in running),
+            "block_table_entries": sum(len(kvm.block_table(r.request_id)) for r in running),
+        }
+        if used:
+            waste_sum += 1.0 - snapshot["tokens_stored"] / (used * block_size)
         if peak is None or used > peak["blocks_in_use"]:
-            running = list(engine.scheduler.running)
-            peak = {
-                "step": steps,
-                "blocks_in_use": used,
-                "running_requests": len(running),
-                "waiting_requests": len(engine.scheduler.waiting),
-                "tokens_stored": sum(r.num_computed_tokens for r in running),
-                "tokens_known": sum(r.num_tokens for r in running),
-                "block_table_entries": sum(len(kvm.block_table(r.request_id)) for r in running),
-            }
+            peak = snapshot
+        if peak_last is None or used >= peak_last["blocks_in_use"]:
+            peak_last = snapshot
     seconds = time.perf_counter() - start
     slots = peak["blocks_in_use"] * block_size
     n = workload.num_requests
@@ -262,6 +366,10 @@ def measure_kv(llm, workload: Workload, params) -> dict:
         **peak,
         "allocated_slots": slots,
         "waste_fraction": 1.0 - peak["tokens_stored"] / slots if slots else 0.0,
+        "peak_last_step": peak_last["step"],
+        "tokens_stored_last": peak_last["tokens_stored"],
+        "waste_fraction_last": 1.0 - peak_last["tokens_stored"] / slots if slots else 0.0,
+        "mean_waste_fraction": waste_sum / steps if steps else 0.0,
         "bytes_in_use": peak["blocks_in_use"] * bytes_per_block,
         "bytes_for_stored_tokens": peak["tokens_stored"] * bytes_per_block / block_size,
         "reserve": [],
@@ -292,11 +400,9 @@ def load_hf_model(dtype: str, model_path: Path):
     return model
 
 
-def run_hf_static(model, dtype: str, workload: Workload, warm: list[list[int]], pad_id: int) -> RunResult:
+def run_hf_static(model, dtype: str, workload: Workload, warm: list[list[int]], pad_id: int, args) -> RunResult:
     import torch
     from transformers import GenerationConfig
-
-    result = RunResult("hf-static", dtype, expected_tokens=workload.num_requests * workload.output_len)
 
     def batch(prompts: list[list[int]]):
         width = max(len(p) for p in prompts)
@@ -311,39 +417,40 @@ def run_hf_static(model, dtype: str, workload: Workload, warm: list[list[int]], 
         # min_new_tokens == max_new_tokens: EOS is never chosen, so every row generates exactly n tokens.
         return GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id)
 
-    try:
-        with torch.inference_mode():
-            ids, mask = batch(warm)
-            model.generate(input_ids=ids, attention_mask=mask, generation_config=config(4))
-            ids, mask = batch(workload.prompts)
-            start = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config(workload.output_len))
-            result.seconds = time.perf_counter() - start
-        new = out[:, ids.shape[1]:].tolist()
-        result.token_ids = new
-        result.generated_tokens = _count(new)
-        result.note = f"one batch of {len(workload.prompts)}, left-padded to {ids.shape[1]} tokens"
-    except Exception as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        _log(f"hf-static {dtype} failed: {result.error}")
-    return result
+    def attempt() -> RunResult:
+        result = RunResult("hf-static", dtype, expected_tokens=workload.num_requests * workload.output_len,
+                           output_len=workload.output_len)
+        try:
+            with torch.inference_mode():
+                ids, mask = batch(warm)
+                model.generate(input_ids=ids, attention_mask=mask, generation_config=config(4))
+                ids, mask = batch(workload.prompts)
+                out, result.seconds, result.other_load = timed(args, lambda: model.generate(
+                    input_ids=ids, attention_mask=mask, generation_config=config(workload.output_len)))
+            result.token_ids = out[:, ids.shape[1]:].tolist()
+            result.generated_tokens = _count(result.token_ids)
+            result.note = f"one batch of {len(workload.prompts)}, left-padded to {ids.shape[1]} tokens"
+        except Exception as exc:  # noqa: BLE001
+            result.error = f"{type(exc).__name__}: {exc}"
+            _log(f"hf-static {dtype} failed: {result.error}")
+        return result
+
+    return run_with_retries(f"hf-static {dtype}", args, attempt)
 
 
 def run_hf_cb(model, dtype: str, workload: Workload, warm: list[list[int]], args) -> RunResult:
-    import torch
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    result = RunResult("hf-cb", dtype, expected_tokens=workload.num_requests * workload.output_len)
     max_len = max(len(p) for p in workload.prompts) + workload.output_len
     page = args.hf_cb_page_size
     num_blocks = args.hf_cb_num_blocks or 2 * math.ceil(workload.num_requests * max_len / page) + 4
     cb_config = ContinuousBatchingConfig(
         page_size=page,
-        num_blocks=num_blocks,
+        num_blocks=num_blocks,                     # CPU: no GPU memory to size the cache from
         max_batch_tokens=args.max_batch_tokens,
         max_requests_per_batch=min(args.max_num_seqs, args.max_batch_tokens),
-        auto_switch_to_flash=False,   # no flash attention on CPU
+        auto_switch_to_flash=False,                # no flash attention on CPU
         use_cuda_graph=False,
         use_async_batching=False,
         default_compile_level=0,
@@ -353,37 +460,41 @@ def run_hf_cb(model, dtype: str, workload: Workload, warm: list[list[int]], args
         # eos_token_id=-1: generate_batch stops on nothing but max_new_tokens (EOS ignored).
         return GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
 
-    original_attn = model.config._attn_implementation
-    try:
-        if args.hf_cb_attn != original_attn:
-            model.set_attn_implementation(args.hf_cb_attn)
-        with torch.inference_mode():
+    def attempt() -> RunResult:
+        result = RunResult("hf-cb", dtype, expected_tokens=workload.num_requests * workload.output_len,
+                           output_len=workload.output_len)
+        original_attn = model.config._attn_implementation
+        try:
+            if args.hf_cb_attn != original_attn:
+                model.set_attn_implementation(args.hf_cb_attn)
+            # No inference_mode here: generate_batch runs its own no_grad loop in a background thread, which
+            # cannot update in place tensors created under inference_mode in this thread.
             # The warm-up builds the manager and its paged cache and keeps them for the timed call.
             model.generate_batch(inputs=warm, generation_config=config(4), continuous_batching_config=cb_config,
                                  persistent_manager=True, warmup=True)
-            start = time.perf_counter()
-            out = model.generate_batch(inputs=workload.prompts, generation_config=config(workload.output_len),
-                                       continuous_batching_config=cb_config, persistent_manager=True, warmup=False)
-            result.seconds = time.perf_counter() - start
-        outputs = list(out.values())
-        errors = [o.error for o in outputs if o.error is not None]
-        if len(outputs) != workload.num_requests or errors:
-            result.error = f"{len(outputs)}/{workload.num_requests} results, errors: {errors[:3]}"
-        result.token_ids = [list(o.generated_tokens) for o in outputs]
-        result.generated_tokens = _count(result.token_ids)
-        result.note = (f"attention {model.config._attn_implementation}, page_size {page}, num_blocks {num_blocks}, "
-                       f"max_batch_tokens {args.max_batch_tokens}")
-    except Exception as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        _log(f"hf-cb {dtype} failed: {result.error}")
-    finally:
-        try:
-            model.destroy_cached_continuous_batching_manager()
-        except Exception:
-            pass
-        if model.config._attn_implementation != original_attn:
-            model.set_attn_implementation(original_attn)
-    return result
+            out, result.seconds, result.other_load = timed(args, lambda: model.generate_batch(
+                inputs=workload.prompts, generation_config=config(workload.output_len),
+                continuous_batching_config=cb_config, persistent_manager=True, warmup=False))
+            outputs = list(out.values())
+            errors = [o.error for o in outputs if o.error is not None]
+            if len(outputs) != workload.num_requests or errors:
+                result.error = f"{len(outputs)}/{workload.num_requests} results, errors: {errors[:1]}"
+            result.token_ids = [list(o.generated_tokens) for o in outputs]
+            result.generated_tokens = _count(result.token_ids)
+            result.note = (f"attention {args.hf_cb_attn}, page_size {page}, num_blocks {num_blocks}, "
+                           f"max_batch_tokens {args.max_batch_tokens}")
+        except Exception as exc:  # noqa: BLE001
+            result.error = f"{type(exc).__name__}: {exc}"
+            _log(f"hf-cb {dtype} failed: {result.error}")
+        finally:
+            with contextlib.suppress(Exception):
+                model.destroy_cached_continuous_batching_manager()
+            if model.config._attn_implementation != original_attn:
+                model.set_attn_implementation(original_attn)
+            gc.collect()
+        return result
+
+    return run_with_retries(f"hf-cb {dtype}", args, attempt)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -425,14 +536,22 @@ def results_table(results: list[RunResult]) -> str:
     rows = []
     for r in results:
         tps = r.tokens_per_s
-        status = "ok" if r.complete else ("**error**: " + r.error if r.error
-                                          else f"**incomplete** ({r.generated_tokens}/{r.expected_tokens})")
+        if r.error:
+            err = r.error if len(r.error) <= 160 else r.error[:157] + "..."
+            status = "**error**: " + err.replace("|", "\\|").replace("\n", " ")
+        elif not r.complete:
+            status = f"**incomplete** ({r.generated_tokens}/{r.expected_tokens})"
+        else:
+            status = f"ok, {r.num_requests_with_full_output}/{len(r.token_ids)} × {r.output_len}"
         vs = "—" if r.engine == "tokenmill" else speedup(by_key.get(("tokenmill", r.dtype)), r)
+        load = f"{r.other_load:.0%}" if r.other_load is not None else "n/a"
+        if r.attempts > 1:
+            load += f" (best of {r.attempts} runs)"
         rows.append([ENGINE_LABELS[r.engine], r.dtype, fmt_int(r.generated_tokens),
                      f"{r.seconds:.1f}" if r.seconds is not None else "n/a",
-                     f"{tps:.1f}" if tps is not None else "n/a", vs, status])
+                     f"{tps:.1f}" if tps is not None else "n/a", vs, status, load])
     return md_table(["Engine", "dtype", "Output tokens", "Wall s", "Output tok/s",
-                     "tokenmill speedup (same dtype)", "Check"], rows)
+                     "tokenmill speedup (same dtype)", "Tokens per request", "Other CPU load"], rows)
 
 
 def best_table(results: list[RunResult]) -> str:
@@ -453,7 +572,9 @@ def agreement(results: list[RunResult], n_tokens: int, eos_ids: set[int]) -> lis
     pairs = [(("tokenmill", "float32"), ("hf-static", "float32")),
              (("tokenmill", "float32"), ("hf-cb", "float32")),
              (("hf-cb", "float32"), ("hf-static", "float32")),
-             (("tokenmill", "bfloat16"), ("hf-static", "bfloat16"))]
+             (("tokenmill", "bfloat16"), ("hf-static", "bfloat16")),
+             (("tokenmill", "bfloat16"), ("tokenmill", "float32")),
+             (("hf-static", "bfloat16"), ("hf-static", "float32"))]
     out = []
     for a, b in pairs:
         if a not in by_key or b not in by_key:
@@ -474,22 +595,30 @@ def agreement_table(rows: list[dict], n_tokens: int) -> str:
 
 
 def kv_table(kv: dict, num_requests: int) -> str:
+    one_step = kv["peak_last_step"] == kv["step"]
+    steps = f"step {kv['step']}" if one_step else f"steps {kv['step']}–{kv['peak_last_step']}"
+    stored = fmt_int(kv["tokens_stored"])
+    waste = f"{kv['waste_fraction']:.1%}"
+    if not one_step:
+        stored = f"{stored} (first peak step) – {fmt_int(kv['tokens_stored_last'])} (last peak step)"
+        waste = f"{waste} – {kv['waste_fraction_last']:.1%}"
     rows = [
-        ["KV pool", f"{fmt_int(kv['num_blocks'])} blocks × {kv['block_size']} tokens = "
-                    f"{fmt_bytes(kv['kv_cache_bytes'])} ({fmt_bytes(kv['bytes_per_block'])} per block)"],
-        ["Peak step (most blocks in use)", f"step {kv['step']} of {kv['steps']}: {kv['running_requests']} running, "
-                                           f"{kv['waiting_requests']} waiting"],
+        ["KV pool", (f"{fmt_int(kv['num_blocks'])} blocks × {kv['block_size']} tokens = "
+                     f"{fmt_bytes(kv['kv_cache_bytes'])} ({fmt_bytes(kv['bytes_per_block'])} per block)")],
+        ["Peak (most blocks in use)", (f"{steps} of {kv['steps']}: {kv['running_requests']} running, "
+                                       f"{kv['waiting_requests']} waiting")],
         ["Blocks in use at peak", fmt_int(kv["blocks_in_use"])],
         ["Allocated slots (blocks × block_size)", fmt_int(kv["allocated_slots"])],
-        ["Tokens stored (Σ num_computed_tokens)", fmt_int(kv["tokens_stored"])],
-        ["Waste (1 − stored/allocated)", f"{kv['waste_fraction']:.1%}"],
+        ["Tokens stored (Σ num_computed_tokens of running requests)", stored],
+        ["Waste at peak (1 − stored / allocated slots)", waste],
+        ["Waste averaged over all steps", f"{kv['mean_waste_fraction']:.1%}"],
         ["KV bytes in use at peak", fmt_bytes(kv["bytes_in_use"])],
     ]
     for res in kv["reserve"]:
-        fits = "" if res["fits_in_pool"] else f" (more than the {fmt_bytes(kv['kv_cache_bytes'])} pool)"
-        rows.append([f"Reserving max_model_len = {res['max_model_len']:,} for {num_requests} requests",
-                     f"{fmt_bytes(res['bytes'])}{fits}, {res['ratio']:.1f}× the paged peak"])
-    return md_table(["KV cache (tokenmill, " + kv.get("dtype", "") + ")", "Value"], rows)
+        fits = "" if res["fits_in_pool"] else f" (more than the whole {fmt_bytes(kv['kv_cache_bytes'])} pool)"
+        rows.append([f"Reserving max_model_len = {res['max_model_len']:,} for each of {num_requests} requests",
+                     f"{fmt_bytes(res['bytes'])}{fits} = {res['ratio']:.1f}× the paged peak"])
+    return md_table([f"KV cache (tokenmill, {kv.get('dtype', '')})", "Value"], rows)
 
 
 def machine_info() -> dict:
@@ -524,61 +653,81 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["python", script_str, *sys.argv[1:]])
 
 
-def interpretation(results: list[RunResult], kv: dict | None) -> str:
+def interpretation(results: list[RunResult], kv: dict | None, idle_threshold: float) -> str:
     best = best_per_engine(results)
     tm = best.get("tokenmill")
     parts = []
     if tm is not None:
-        peers = [(ENGINE_LABELS[e].split(" (")[0], best[e]) for e in ("hf-cb", "hf-static") if e in best]
         comps = []
-        for label, peer in peers:
-            ratio = tm.tokens_per_s / peer.tokens_per_s
-            word = "faster than" if ratio >= 1 else "slower than"
-            comps.append(f"{ratio:.2f}× ({word}) {label} in its best dtype, {peer.dtype}")
+        for engine in ("hf-cb", "hf-static"):
+            if engine in best:
+                peer = best[engine]
+                ratio = tm.tokens_per_s / peer.tokens_per_s
+                label = ENGINE_LABELS[engine].split(" (")[0]
+                comps.append(f"{ratio:.2f}× {label} ({peer.dtype}, {peer.tokens_per_s:.1f} tok/s)")
         if comps:
-            parts.append(f"On this machine tokenmill's best configuration ({tm.dtype}, {tm.tokens_per_s:.1f} "
-                         f"output tok/s) runs at " + " and ".join(comps) + ".")
+            parts.append(f"tokenmill's best run ({tm.dtype}, {tm.tokens_per_s:.1f} output tok/s) is "
+                         + " and ".join(comps) + " in their best dtypes on this machine.")
+        by_key = {(r.engine, r.dtype): r for r in results if r.tokens_per_s is not None
+                  and r.other_load is not None and r.other_load < idle_threshold}
+        ratios = [by_key[(e, "bfloat16")].tokens_per_s / by_key[(e, "float32")].tokens_per_s
+                  for e in ENGINES if (e, "bfloat16") in by_key and (e, "float32") in by_key]
+        if ratios:
+            span = f"{min(ratios):.1f}×" if len(ratios) == 1 else f"{min(ratios):.1f}–{max(ratios):.1f}×"
+            parts.append(f"bfloat16 runs {span} as fast as float32 here (engines whose runs in both dtypes "
+                         "had the CPU to themselves).")
     failed = [r for r in results if not r.complete]
     if failed:
         parts.append("Runs that failed or returned fewer tokens than asked: "
                      + ", ".join(f"{r.engine} {r.dtype}" for r in failed) + "; their rows say why.")
+    loaded = [r for r in results if r.other_load is not None and r.other_load >= idle_threshold]
+    if loaded:
+        parts.append("Other processes shared the CPU during "
+                     + ", ".join(f"{r.engine} {r.dtype} ({r.other_load:.0%})" for r in loaded)
+                     + ", which makes those numbers pessimistic.")
     if kv is not None:
         res = next((r for r in kv["reserve"] if r["max_model_len"] == 2048), kv["reserve"][0])
-        parts.append(f"The paged cache wastes {kv['waste_fraction']:.1%} of the slots it has handed out at the peak "
-                     f"step (only the partly filled last block of each request), while reserving "
-                     f"{res['max_model_len']:,} tokens per request up front would take {res['ratio']:.1f}× as much memory.")
+        waste = f"{kv['waste_fraction']:.1%}"
+        if kv["peak_last_step"] != kv["step"]:
+            waste = f"{kv['waste_fraction_last']:.1%}–{waste}"
+        parts.append(f"The paged cache leaves {waste} of the slots it has handed out empty at its peak "
+                     f"(the unfilled tail of each request's last block); reserving "
+                     f"{res['max_model_len']:,} tokens per request up front would take {res['ratio']:.1f}× as much.")
     return " ".join(parts)
 
 
 def render_section(args, info: dict, workload: Workload, results: list[RunResult], agree: list[dict],
                    kv: dict | None, notes: list[str]) -> str:
     lens = [len(p) for p in workload.prompts]
+    kv_memory = fmt_bytes(args.kv_cache_memory) if args.kv_cache_memory else "the default 2 GiB"
     lines = [
         DOC_START,
         "## Engine throughput: tokenmill vs. transformers",
         "",
-        f"Written by `benchmarks/engine_throughput.py` on {_dt.date.today().isoformat()}.",
+        f"Written by `benchmarks/engine_throughput.py` on {_dt.date.today().isoformat()}:",
         "",
         "```bash",
         command_line(),
         "```",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} (CPU), "
-        f"{info['threads']} torch threads, transformers {info['transformers']}, Python {info['python']}.",
+        (f"Machine: {info['cpu']} ({info['cores']} cores), torch {info['torch']} with {info['threads']} "
+         f"threads, transformers {info['transformers']}, Python {info['python']}."),
         "",
-        f"Workload, identical for every engine: {workload.num_requests} requests, prompts of "
-        f"{min(lens)}–{max(lens)} tokens ({workload.prompt_tokens:,} in total; different sentences of English text, "
-        f"so no shared prefixes), {workload.output_len} output tokens each, greedy, EOS ignored "
-        f"(tokenmill `ignore_eos=True`; `generate_batch` with `eos_token_id=-1`; `generate` with "
-        f"`min_new_tokens = max_new_tokens`). Model: Gemma 3 270M (Q4_K_M GGUF, dequantized) loaded by each engine "
-        f"from the same file. Each engine runs a short warm-up first; only the generation call is timed. "
-        f"Output tok/s = generated tokens / wall seconds.",
+        (f"Workload, identical for every engine: {workload.num_requests} requests with prompts of "
+         f"{min(lens)}–{max(lens)} tokens ({workload.prompt_tokens:,} in all; each starts with a different "
+         f"English sentence, so nothing is shared), {workload.output_len} output tokens each, greedy, EOS ignored "
+         "(tokenmill `ignore_eos=True`; `generate_batch` with `eos_token_id=-1`; `generate` with "
+         "`min_new_tokens = max_new_tokens`). Model: Gemma 3 270M, Q4_K_M GGUF dequantized, loaded by each engine "
+         "from the same file. Each engine does a short warm-up first; only the generation call is timed. "
+         "Output tok/s = generated tokens / wall seconds."),
         "",
-        f"Settings: tokenmill `max_num_seqs={args.max_num_seqs}`, `max_num_batched_tokens={args.max_batch_tokens}`, "
-        f"`block_size={args.block_size}`, KV cache "
-        + (f"{fmt_bytes(args.kv_cache_memory)}" if args.kv_cache_memory else "default (2 GiB)")
-        + f"; `generate_batch` with attention `{args.hf_cb_attn}`, `max_batch_tokens={args.max_batch_tokens}`, "
-        f"page size {args.hf_cb_page_size}, cache sized for the workload with 2× headroom.",
+        (f"Settings: tokenmill `max_num_seqs={args.max_num_seqs}`, "
+         f"`max_num_batched_tokens={args.max_batch_tokens}`, `block_size={args.block_size}`, KV cache "
+         f"{kv_memory}; `generate_batch` with attention `{args.hf_cb_attn}`, "
+         f"`max_batch_tokens={args.max_batch_tokens}`, page size {args.hf_cb_page_size}, a cache of twice what "
+         "the workload needs. Before each timed call the script waits for other processes to leave the CPU "
+         f"(under {args.idle_threshold:.0%}); \"Other CPU load\" is their share of the CPU during the call, and a "
+         f"call above that is run again (at most {args.attempts} times, the least disturbed one kept)."),
         "",
         results_table(results),
         "",
@@ -591,15 +740,15 @@ def render_section(args, info: dict, workload: Workload, results: list[RunResult
         lines += [agreement_table(agree, args.agreement_tokens), ""]
     if kv is not None:
         lines += [
-            f"KV memory, tokenmill {kv['dtype']}, same {workload.num_requests} requests stepped by hand "
-            "(`engine.add_request` + `engine.step()`); blocks in use = pool blocks − free blocks:",
+            (f"KV memory: tokenmill {kv['dtype']}, the same {workload.num_requests} requests stepped by hand "
+             "(`engine.add_request`, then `engine.step()` until done); blocks in use = pool blocks − free blocks, "
+             "bytes per block = `runner.kv_cache_bytes / num_blocks`:"),
             "",
             kv_table(kv, workload.num_requests),
             "",
         ]
-    for note in notes:
-        lines += [f"Note: {note}", ""]
-    lines += [interpretation(results, kv), "", DOC_END]
+    lines += [f"Note: {note}\n" for note in notes]
+    lines += [interpretation(results, kv, args.idle_threshold), "", DOC_END]
     return "\n".join(lines) + "\n"
 
 
@@ -638,6 +787,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-cb-num-blocks", type=int, default=None,
                    help="generate_batch cache blocks (default: 2× what the workload needs)")
     p.add_argument("--agreement-tokens", type=int, default=32, help="tokens compared in the agreement check")
+    p.add_argument("--idle-threshold", type=float, default=0.15,
+                   help="before each timed call, wait until other processes use less than this share of the CPU "
+                        "(default 0.15)")
+    p.add_argument("--idle-wait", type=float, default=300.0,
+                   help="longest wait for that, in seconds; the run goes on (and reports the load) after it "
+                        "(default 300)")
+    p.add_argument("--attempts", type=int, default=4,
+                   help="run a timed call again (up to this many times in all) when other processes used more "
+                        "than --idle-threshold of the CPU during it; the least disturbed run is reported (default 4)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="also write raw results to this JSON file")
     p.add_argument("--write-docs", action="store_true", help="write/replace this benchmark's section of the docs file")
@@ -659,10 +817,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: no progress bars while loading
     import torch
+    from transformers.utils import logging as hf_logging
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info()
@@ -695,7 +856,6 @@ def main(argv=None) -> int:
             r, report = run_tokenmill(dtype, workload, warm, args)
             results.append(r)
             if report is not None:
-                report["dtype"] = dtype
                 kv = report
             _log(f"tokenmill {dtype}: {r.generated_tokens} tokens in {r.seconds or float('nan'):.1f}s")
     hf_engines = [e for e in ("hf-cb", "hf-static") if e in args.engines]
@@ -704,7 +864,7 @@ def main(argv=None) -> int:
             model = load_hf_model(dtype, model_path)
             for engine in hf_engines:
                 if engine == "hf-static":
-                    r = run_hf_static(model, dtype, workload, warm, pad_id)
+                    r = run_hf_static(model, dtype, workload, warm, pad_id, args)
                 else:
                     r = run_hf_cb(model, dtype, workload, warm, args)
                 results.append(r)
@@ -733,7 +893,7 @@ def main(argv=None) -> int:
     for note in notes:
         print(f"\nNote: {note}")
     print()
-    print(interpretation(results, kv))
+    print(interpretation(results, kv, args.idle_threshold))
 
     if args.json:
         args.json.write_text(json.dumps({
@@ -742,7 +902,8 @@ def main(argv=None) -> int:
                          "output_len": workload.output_len},
             "results": [{"engine": r.engine, "dtype": r.dtype, "seconds": r.seconds,
                          "generated_tokens": r.generated_tokens, "expected_tokens": r.expected_tokens,
-                         "tokens_per_s": r.tokens_per_s, "note": r.note, "error": r.error} for r in results],
+                         "tokens_per_s": r.tokens_per_s, "other_load": r.other_load, "attempts": r.attempts,
+                         "note": r.note, "error": r.error} for r in results],
             "agreement": agree, "kv": kv, "notes": notes,
         }, indent=2))
     if args.write_docs:
