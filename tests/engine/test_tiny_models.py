@@ -86,3 +86,12 @@ def test_bad_requests_are_rejected_without_trace(tiny_model):
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=8, max_model_len=128)
     assert_all_blocks_free(llm)
+
+
+def test_a_preloaded_model_must_match_the_asked_dtype(tiny_model):
+    from tokenmill.models.loader import load_model
+    path, _ = tiny_model
+    loaded = load_model(str(path), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        LLM(loaded_model=loaded, dtype="float32", num_kv_blocks=16)
+    assert LLM(loaded_model=loaded, dtype="auto", num_kv_blocks=16).engine.dtype == torch.bfloat16

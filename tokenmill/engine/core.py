@@ -57,6 +57,13 @@ class EngineCore:
         torch.manual_seed(config.seed)
         if loaded is None:
             loaded = load_model(config.model, dtype=self.dtype, device=config.device, cache_dir=config.cache_dir)
+        else:
+            model_dtype = next(loaded.model.parameters()).dtype
+            if config.dtype == "auto":
+                self.dtype = model_dtype
+            elif model_dtype != self.dtype:
+                raise ValueError(f"the given model is loaded in {model_dtype} but dtype {config.dtype!r} was "
+                                 "asked for; load it in that dtype or pass dtype='auto'")
         self.model_info = loaded.info
         self.tokenizer = loaded.tokenizer
         info = loaded.info
