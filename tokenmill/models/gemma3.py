@@ -7,9 +7,9 @@ sliding-window / global layers with their own rope bases.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.models.base import PagedCausalLM
 from tokenmill.models.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.models.layers.linear import PackedLinear
 from tokenmill.models.layers.mlp import GatedMLP
@@ -124,47 +124,16 @@ class Gemma3Model(nn.Module):
         return self.norm(h)
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(PagedCausalLM):
     """Gemma 3 text model over a paged KV cache (one cache pair per layer)."""
 
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"),
-        "up_proj": ("gate_up_proj", "up"),
-    }
-
     def __init__(self, config):
-        super().__init__()
         if getattr(config, "attn_logit_softcapping", None) is not None:
             raise ValueError("attention logit softcapping is not supported (Gemma 3 checkpoints do not use it)")
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("bidirectional Gemma 3 variants are encoders, not causal language models")
-        self.config = config
-        self.model = Gemma3Model(config)
-        tied = getattr(config, "tie_word_embeddings", True)
-        self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        """``input_ids``/``positions`` ``[num_tokens]`` -> hidden states ``[num_tokens, hidden]``."""
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[n, hidden]`` -> float32 logits ``[n, vocab]``."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden_states, weight).float()
-        if self.final_logit_softcapping is not None:
-            cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        super().__init__(config, Gemma3Model(config), tied=getattr(config, "tie_word_embeddings", True),
+                         final_logit_softcapping=getattr(config, "final_logit_softcapping", None))
 
     def remap_checkpoint_name(self, name: str) -> str | None:
         """Map a checkpoint tensor name to this model's naming; None skips it."""

@@ -7,9 +7,9 @@ scales its rope frequencies.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.models.base import PagedCausalLM
 from tokenmill.models.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.models.layers.linear import PackedLinear
 from tokenmill.models.layers.mlp import GatedMLP
@@ -106,38 +106,11 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(PagedCausalLM):
     """Llama-family causal LM over a paged KV cache (one cache pair per layer)."""
 
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"),
-        "up_proj": ("gate_up_proj", "up"),
-    }
-
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config)
-        tied = getattr(config, "tie_word_embeddings", False)
-        self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        """``input_ids``/``positions`` ``[num_tokens]`` -> hidden states ``[num_tokens, hidden]``."""
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[n, hidden]`` -> float32 logits ``[n, vocab]``."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden_states, weight).float()
+        super().__init__(config, LlamaModel(config), tied=getattr(config, "tie_word_embeddings", False))
 
     def remap_checkpoint_name(self, name: str) -> str | None:
         """Map a checkpoint tensor name to this model's naming; None skips it."""
