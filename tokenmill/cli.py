@@ -34,6 +34,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse the KV blocks of shared prompt prefixes")
     group.add_argument("--seed", type=int, default=0, help="seed of the engine's shared random generator")
+    group.add_argument("--quantization", default=None, choices=["int8"],
+                       help="weight-only quantization of the decoder projections at load time "
+                            "(int8: one scale per output channel; embeddings and logits stay in --dtype)")
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -62,7 +65,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_kv_blocks=num_kv_blocks,
-                enable_prefix_caching=args.enable_prefix_caching, seed=args.seed)
+                enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+                quantization=args.quantization)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

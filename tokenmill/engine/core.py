@@ -15,6 +15,7 @@ from tokenmill.engine.request import Request, RequestStatus, SamplingParams
 from tokenmill.engine.runner import ModelRunner, kv_bytes_per_block
 from tokenmill.engine.scheduler import Scheduler, SchedulerConfig
 from tokenmill.models.loader import load_model
+from tokenmill.models.quantize import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class EngineCore:
         self.config = config
         self.dtype = resolve_dtype(config.dtype, config.device)
         torch.manual_seed(config.seed)
+        loaded_here = loaded is None
         if loaded is None:
             loaded = load_model(config.model, dtype=self.dtype, device=config.device, cache_dir=config.cache_dir)
         else:
@@ -64,6 +66,10 @@ class EngineCore:
             elif model_dtype != self.dtype:
                 raise ValueError(f"the given model is loaded in {model_dtype} but dtype {config.dtype!r} was "
                                  "asked for; load it in that dtype or pass dtype='auto'")
+        if config.quantization is not None:
+            if not loaded_here:  # quantizing rewrites the modules: never do it to a model shared with others
+                raise ValueError("quantization is applied at load time: pass a model path, not a loaded model")
+            quantize_model(loaded.model, config.quantization)
         self.model_info = loaded.info
         self.tokenizer = loaded.tokenizer
         info = loaded.info
