@@ -142,7 +142,7 @@ class OpenAIServing:
                     yield _sse({**base, "choices": [], "usage": _usage(states)})
                 yield "data: [DONE]\n\n"
 
-            return await self._stream_response(events(), streams)
+            return await self._stream_response(events(), raw)
 
         await self._run_to_end(streams, states, raw)
         choices = []
@@ -194,7 +194,7 @@ class OpenAIServing:
                     yield _sse({**base, "choices": [], "usage": _usage(states)})
                 yield "data: [DONE]\n\n"
 
-            return await self._stream_response(events(), streams)
+            return await self._stream_response(events(), raw)
 
         await self._run_to_end(streams, states, raw)
         choices = [{"index": index, "message": {"role": "assistant", "content": choice.text},
@@ -314,15 +314,23 @@ class OpenAIServing:
         finally:
             watcher.cancel()
 
-    async def _stream_response(self, events: AsyncIterator[str], streams) -> StreamingResponse:
-        """Start the stream; errors raised before the first event (invalid request,
-        overload) still get a proper status code instead of a 200 stream."""
+    async def _stream_response(self, events: AsyncIterator[str], raw: Request) -> StreamingResponse:
+        """Start the stream once its first event is ready, so that a failure before
+        it still gets a proper status code. A client that leaves while the first
+        token is being computed is noticed here and its request aborted."""
         iterator = events.__aiter__()
+        first_event = asyncio.ensure_future(iterator.__anext__())
         try:
-            first = await iterator.__anext__()
+            while not first_event.done():
+                await asyncio.wait({first_event}, timeout=0.1)
+                if not first_event.done() and await raw.is_disconnected():
+                    first_event.cancel()
+                    raise APIError(499, "client closed the request", code="client_closed")
+            first = first_event.result()
         except StopAsyncIteration:
             first = None
         except BaseException:
+            first_event.cancel()
             await events.aclose()
             raise
 
