@@ -51,6 +51,7 @@ from tokenmill.bench.config import MaxUsersSearch  # noqa: E402
 from tokenmill.bench.machine import CpuShares, cpu_model  # noqa: E402
 from tokenmill.bench.markdown import markdown_table, write_marked_section  # noqa: E402
 from tokenmill.bench.sizing import judge  # noqa: E402
+from tokenmill.bench.process import stop_process, wait_until_healthy  # noqa: E402
 
 SERVERS = ("tokenmill", "transformers")
 SECTION = "serving_vs_peers"
@@ -142,32 +143,6 @@ def bench_command(name: str, port: str, hf_dir: str, out: str, args) -> list[str
     return command
 
 
-def wait_until_healthy(process: subprocess.Popen, port: int, deadline_s: float, log: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = " ".join(log.read_text(errors="replace").split()[-60:])
-            raise RuntimeError(f"the server exited with status {process.returncode}: ...{tail}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server was not healthy within {deadline_s:.0f}s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def run_server(name: str, hf_dir: Path, workdir: Path, args) -> ServerRun:
     port = unused_port()
     out = workdir / f"{name}.json"
@@ -185,7 +160,7 @@ def run_server(name: str, hf_dir: Path, workdir: Path, args) -> ServerRun:
     with log.open("w") as log_file:
         process = subprocess.Popen(server_argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     try:
-        wait_until_healthy(process, port, args.start_timeout, log)
+        wait_until_healthy(process, f"http://127.0.0.1:{port}", args.start_timeout, log)
         run.load_seconds = time.perf_counter() - started
         _log(f"{name}: ready after {run.load_seconds:.0f}s; benching")
         with CpuShares({"server": process.pid}) as cpu:
@@ -200,7 +175,7 @@ def run_server(name: str, hf_dir: Path, workdir: Path, args) -> ServerRun:
         run.error = " ".join(str(error).split())
         _log(f"{name}: {run.error}")
     finally:
-        stop(process)
+        stop_process(process)
     return run
 
 

@@ -17,9 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from tokenmill.bench.markdown import markdown_table, write_marked_section
+from tokenmill.bench.process import stop_process, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_WARM_S = 8.0
@@ -39,19 +38,10 @@ def time_to_ready(cache_dir: str, timeout_s: float = 300.0) -> float:
     process = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while time.perf_counter() - start < timeout_s:
-            if process.poll() is not None:
-                raise RuntimeError(f"tokenmill serve exited with code {process.returncode}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
-                    return time.perf_counter() - start
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"not ready after {timeout_s} s")
+        wait_until_healthy(process, f"http://127.0.0.1:{port}", timeout_s, interval_s=0.05)
+        return time.perf_counter() - start
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        stop_process(process, timeout_s=60)
 
 
 def main() -> int:

@@ -4,10 +4,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+
+from tokenmill.bench.process import stop_process, wait_until_healthy
 
 COUNTERS = ("tokenmill_prompt_tokens_total", "tokenmill_generation_tokens_total")
 
@@ -39,26 +40,13 @@ def live_server(tmp_path_factory):
                                     "--max-model-len", "512"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"tokenmill serve exited with {process.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"tokenmill serve was not ready within 180 s: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
+        try:
+            wait_until_healthy(process, base, deadline_s=180, log=log)
+        except RuntimeError as error:
+            pytest.fail(f"tokenmill serve did not start: {error}")
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.mark.slow

@@ -16,6 +16,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tokenmill.bench.process import stop_process
+
 MODEL = "gemma-3-270m"
 MAX_MODEL_LEN = 256
 STARTUP_DEADLINE = 180.0   # seconds; loading takes a few seconds, more on a busy machine
@@ -70,13 +72,7 @@ class ServerProcess:
         pytest.fail(f"the server was not healthy within {deadline} s:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
+        stop_process(self.process, timeout_s=15)
 
     def client(self, api_key: str = "unused", **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, **kwargs)
