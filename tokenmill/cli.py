@@ -1,4 +1,4 @@
-"""Command line: `tokenmill serve | generate | bench | plan`."""
+"""Command line: `tokenmill serve | generate | bench | gateway | plan`."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import signal
 import sys
 
 from tokenmill.bench.options import add_bench_arguments
+from tokenmill.gateway.command import add_gateway_arguments
 from tokenmill.planner.command import add_plan_arguments
 
 
@@ -137,6 +138,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from tokenmill.gateway.command import run_gateway
+
+    return run_gateway(args)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from tokenmill.planner.command import run_plan
 
@@ -191,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
                                             "docs/metrics.md.")
     add_bench_arguments(bench)
     bench.set_defaults(handler=_cmd_bench)
+
+    gateway = commands.add_parser("gateway", help="the request layer: keys, limits, queue, routing, failover",
+                                  description="Run the OpenAI-compatible gateway in front of tokenmill replicas and "
+                                              "external APIs: API keys, limits shared through Redis, an SLA queue "
+                                              "with overflow, auto routing, failover, usage ledger. Config and "
+                                              "semantics: docs/gateway.md.")
+    add_gateway_arguments(gateway)
+    gateway.set_defaults(handler=_cmd_gateway)
 
     plan = commands.add_parser("plan", help="capacity and cost planner: traffic -> GPUs -> monthly bill",
                                description="Turn a traffic description into a fleet and a monthly bill, tied to a "
