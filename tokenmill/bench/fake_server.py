@@ -25,6 +25,15 @@ Contract, per streamed `POST /v1/completions` or `/v1/chat/completions`:
   finish reason. Every `reject_every`-th request gets a 503.
 - Another `model` than the script's gets a 404; a missing or wrong key, when
   `api_key` is set, a 401. `GET /v1/models` and `GET /health` answer as usual.
+- The first `fail_first` requests (by arrival) get a 500; `header_delay`
+  seconds pass before any response byte (status line included) is sent.
+- `answer`, when set, is the content: cut into `answer_chunk_chars`-character
+  pieces, one token each (at most max_tokens of them) instead of the words.
+- Without `"stream": true` the whole completion (OpenAI's non-streamed body
+  with `usage`) is sent once its last token is due.
+- `GET /metrics` says, as tokenmill does, how many streams are open
+  (`tokenmill_num_requests_running`) and waiting (`_waiting`, always 0), and
+  `GET /health` answers `health_status`.
 
 Run it alone with `python -m tokenmill.bench.fake_server --port 0`; it prints
 `listening on http://HOST:PORT` once ready.
@@ -53,6 +62,11 @@ class FakeScript:
     cut_cleanly: bool = False
     reject_every: int = 0
     api_key: str | None = None
+    fail_first: int = 0
+    header_delay: float = 0.0
+    answer: str | None = None
+    answer_chunk_chars: int = 4
+    health_status: int = 200
 
 
 def _chunks_of(num_tokens: int, pattern: tuple[int, ...]) -> list[range]:
@@ -106,8 +120,8 @@ class _StreamBuilder:
         return _sse({**self.base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                "logprobs": None, "finish_reason": None}]})
 
-    def content(self, tokens: range, finish_reason: str | None) -> bytes:
-        texts = [" " + WORDS[j % len(WORDS)] for j in tokens]
+    def content(self, tokens: range, finish_reason: str | None, pieces: list[str] | None = None) -> bytes:
+        texts = [pieces[j] if pieces is not None else " " + WORDS[j % len(WORDS)] for j in tokens]
         text = "".join(texts)
         if self.chat:
             logprobs = {"content": [{"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": []}
@@ -191,7 +205,15 @@ class FakeOpenAIServer:
         """Answer one request; False when the connection must be dropped afterwards."""
         script = self.script
         if method == "GET" and path == "/health":
-            writer.write(_json_response(200, "OK", {"status": "ok"}))
+            healthy = script.health_status == 200
+            writer.write(_json_response(script.health_status, "OK" if healthy else "Service Unavailable",
+                                        {"status": "ok" if healthy else "unavailable"}))
+            return True
+        if method == "GET" and path == "/metrics":
+            text = (f"tokenmill_num_requests_running{{model_name=\"{script.model}\"}} {self.open_streams}\n"
+                    f"tokenmill_num_requests_waiting{{model_name=\"{script.model}\"}} 0\n").encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(text), text))
             return True
         if script.api_key is not None and headers.get("authorization") != f"Bearer {script.api_key}":
             writer.write(_error(401, "Unauthorized", "invalid API key"))
@@ -207,25 +229,61 @@ class FakeOpenAIServer:
         if body.get("model", script.model) != script.model:
             writer.write(_error(404, "Not Found", f"the model {body.get('model')!r} does not exist"))
             return True
-        if not body.get("stream"):
-            writer.write(_error(400, "Bad Request", "this server only streams"))
-            return True
         self.num_requests += 1
         arrival_number = self.num_requests
+        if script.header_delay > 0:
+            await asyncio.sleep(script.header_delay)
+        if arrival_number <= script.fail_first:
+            writer.write(_error(500, "Internal Server Error", "scripted failure"))
+            return True
         if script.reject_every and arrival_number % script.reject_every == 0:
             writer.write(_error(503, "Service Unavailable", "overloaded"))
             return True
         self.open_streams += 1
         try:
+            if not body.get("stream"):
+                return await self._whole(body, path.endswith("/chat/completions"), writer)
             return await self._stream(body, path.endswith("/chat/completions"), arrival_number, writer)
         finally:
             self.open_streams -= 1
+
+    def _pieces(self, num_tokens: int) -> list[str] | None:
+        answer, size = self.script.answer, max(1, self.script.answer_chunk_chars)
+        if answer is None:
+            return None
+        return [answer[i:i + size] for i in range(0, len(answer), size)][:num_tokens]
+
+    async def _whole(self, body: dict, chat: bool, writer: asyncio.StreamWriter) -> bool:
+        script = self.script
+        num_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or script.output_tokens
+        pieces = self._pieces(num_tokens)
+        if pieces is not None:
+            num_tokens = len(pieces)
+        delay = script.ttft + script.itl * max(0, num_tokens - 1)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        text = "".join(pieces) if pieces is not None else "".join(" " + WORDS[j % len(WORDS)]
+                                                                  for j in range(num_tokens))
+        prompt_tokens = _prompt_words(body, chat)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                   "finish_reason": "length"} if chat else
+                  {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"})
+        writer.write(_json_response(200, "OK", {
+            "id": "fake", "object": "chat.completion" if chat else "text_completion", "created": 0,
+            "model": script.model, "choices": [choice],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": num_tokens,
+                      "total_tokens": prompt_tokens + num_tokens}}))
+        await writer.drain()
+        return True
 
     async def _stream(self, body: dict, chat: bool, arrival_number: int, writer: asyncio.StreamWriter) -> bool:
         script = self.script
         loop = asyncio.get_running_loop()
         arrival = loop.time()
         num_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or script.output_tokens
+        pieces = self._pieces(num_tokens)
+        if pieces is not None:
+            num_tokens = len(pieces)
         chunks = _chunks_of(num_tokens, script.chunk_pattern)
         cut_at = len(chunks) // 2 if script.cut_every and arrival_number % script.cut_every == 0 else None
         events = _StreamBuilder(chat, body, script.model)
@@ -252,9 +310,9 @@ class FakeOpenAIServer:
                 delay = due - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                writer.write(_http_chunk(events.content(tokens, finish)))
+                writer.write(_http_chunk(events.content(tokens, finish, pieces)))
             else:  # answering instantly: one write per response keeps the server out of the measurement
-                pending += _http_chunk(events.content(tokens, finish))
+                pending += _http_chunk(events.content(tokens, finish, pieces))
         writer.write(pending + _http_chunk(events.closing(_prompt_words(body, chat), num_tokens)) + _END_OF_BODY)
         await writer.drain()
         return True
@@ -297,10 +355,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds added to each gap per other stream in flight")
     parser.add_argument("--output-tokens", type=int, default=16, help="tokens when a request names no max_tokens")
     parser.add_argument("--chunk-pattern", default="1", help="tokens per chunk, cycled, e.g. 1,2")
+    parser.add_argument("--cut-every", type=int, default=0, help="drop every n-th stream half-way (0: never)")
+    parser.add_argument("--fail-first", type=int, default=0, help="answer the first n requests with a 500")
+    parser.add_argument("--header-delay", type=float, default=0.0, help="seconds before any response byte")
+    parser.add_argument("--answer", default=None, help="fixed answer text instead of words")
     args = parser.parse_args(argv)
     script = FakeScript(model=args.model, ttft=args.ttft, itl=args.itl, itl_growth=args.itl_growth,
                         output_tokens=args.output_tokens,
-                        chunk_pattern=tuple(int(n) for n in args.chunk_pattern.split(",")))
+                        chunk_pattern=tuple(int(n) for n in args.chunk_pattern.split(",")),
+                        cut_every=args.cut_every, fail_first=args.fail_first, header_delay=args.header_delay,
+                        answer=args.answer)
 
     async def serve() -> None:
         server = FakeOpenAIServer(script)
