@@ -9,6 +9,7 @@ import signal
 import sys
 
 from tokenmill.bench.options import add_bench_arguments
+from tokenmill.gateway.keys_command import add_keys_arguments
 from tokenmill.gateway.command import add_gateway_arguments
 from tokenmill.planner.command import add_plan_arguments
 
@@ -150,6 +151,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return run_plan(args)
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from tokenmill.gateway.keys_command import run_keys
+
+    return run_keys(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: a production LLM serving stack")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -213,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            "calibrate on a tokenmill bench sweep. Formulas: docs/planner.md.")
     add_plan_arguments(plan)
     plan.set_defaults(handler=_cmd_plan)
+
+    keys = commands.add_parser("keys", help="the gateway's API keys: create, list, revoke, usage",
+                               description="Manage the gateway's API keys (stored as salted hashes) and read their "
+                                           "usage. See docs/gateway.md.")
+    add_keys_arguments(keys)
+    keys.set_defaults(handler=_cmd_keys)
     return parser
 
 

@@ -160,6 +160,11 @@ def normalize_url(url: str) -> URL:
                      "postgresql://USER@HOST/DB")
 
 
+def one_line(error: BaseException | str) -> str:
+    """A driver's (often multi-line) message as one line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def redact(url: str | URL) -> str:
     """The URL with its password hidden, for messages."""
     try:
@@ -254,7 +259,7 @@ def connect(url: str) -> Database:
     try:
         engine = _sqlite_engine(parsed) if parsed.get_backend_name() == "sqlite" else _postgres_engine(parsed)
     except (OSError, SQLAlchemyError, ImportError) as error:
-        raise DatabaseError(f"cannot open the database {redact(parsed)}: {error}") from None
+        raise DatabaseError(f"cannot open the database {redact(parsed)}: {one_line(error)}") from None
     return Database(parsed, engine)
 
 
@@ -276,9 +281,18 @@ def open_database(url: str) -> Database:
         except SQLAlchemyError as error:
             engine.dispose()
             reason = getattr(error, "orig", None) or error
-            raise DatabaseError(f"cannot open the database {redact(parsed)}: {str(reason).strip()}") from None
+            raise DatabaseError(f"cannot open the database {redact(parsed)}: {one_line(reason)}") from None
         _registry[registry_key] = database
         return database
+
+
+def close_database(url: str) -> None:
+    """Close the `Database` that `open_database(url)` keeps for this process, if any."""
+    key = normalize_url(url).render_as_string(hide_password=False)
+    with _registry_lock:
+        database = _registry.get(key)
+    if database is not None:
+        database.close()
 
 
 def _alembic_config(connection: Connection | None = None):
