@@ -143,8 +143,9 @@ def normalize_url(url: str) -> URL:
         text = "postgresql://" + text[len("postgres://"):]
     try:
         parsed = make_url(text)
-    except ArgumentError:
-        raise ValueError(f"not a database URL: {url!r}; use sqlite:///PATH.db or postgresql://USER@HOST/DB") from None
+    except (ArgumentError, ValueError):
+        raise ValueError(f"not a database URL: {redact(text)}; use sqlite:///PATH.db or postgresql://USER@HOST/DB") \
+            from None
     backend = parsed.get_backend_name()
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
@@ -169,7 +170,7 @@ def redact(url: str | URL) -> str:
     """The URL with its password hidden, for messages."""
     try:
         parsed = url if isinstance(url, URL) else make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return "<malformed URL>"
     return parsed.render_as_string(hide_password=True)
 
