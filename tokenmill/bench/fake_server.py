@@ -311,6 +311,8 @@ class FakeOpenAIServer:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 writer.write(_http_chunk(events.content(tokens, finish, pieces)))
+                if writer.transport.is_closing():  # the client has gone: stop streaming to nobody
+                    return False
             else:  # answering instantly: one write per response keeps the server out of the measurement
                 pending += _http_chunk(events.content(tokens, finish, pieces))
         writer.write(pending + _http_chunk(events.closing(_prompt_words(body, chat), num_tokens)) + _END_OF_BODY)

@@ -187,6 +187,7 @@ class GatewayConfig(_Section):
     listen: ListenConfig = ListenConfig()
     database_url: str = Field(default_factory=default_database_url)
     redis_url: str | None = None
+    redis_key_prefix: str = Field("tokenmill:gw:", min_length=1)
     admin_key_env: str | None = "TOKENMILL_ADMIN_KEY"
     limiter_window_s: float = Field(60.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -679,6 +679,9 @@ class RelayResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not watcher.gone:
+                if stream.outcome.error is None:
+                    stream.outcome.error = "the gateway stopped before the stream was complete"
+                    stream.outcome.error_code = "gateway_stopped"
                 raise
             task.uncancel()
             stream.outcome.client_gone = True

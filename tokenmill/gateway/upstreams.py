@@ -271,9 +271,13 @@ class UpstreamPool:
             self.on_capacity_change()
 
     # ---- health ---------------------------------------------------------------------------
+    def bind(self, client: httpx.AsyncClient) -> None:
+        """The HTTP client of the health checks and scrapes."""
+        self._client = client
+
     def start(self, client: httpx.AsyncClient) -> None:
         """Start the health and scrape task (on the running loop); `close()` stops it."""
-        self._client = client
+        self.bind(client)
         self._task = asyncio.create_task(self._health_loop(), name=f"gateway-health-{self.name}")
 
     async def close(self) -> None:
@@ -291,11 +295,11 @@ class UpstreamPool:
 
     async def _health_loop(self) -> None:
         while True:
+            await asyncio.sleep(self.config.health.interval_s)
             try:
                 await self.check_now()
             except Exception:  # a bug in a check must not stop the checks
                 logger.exception("health checks of pool %s failed", self.name)
-            await asyncio.sleep(self.config.health.interval_s)
 
     async def _check(self, upstream: Upstream) -> None:
         health = self.config.health
