@@ -280,8 +280,8 @@ def with_search_path(url: str, schema: str) -> str:
 
 
 def _pip_install(requirement: str) -> str | None:
-    """Install a wheel (without its dependencies) into this interpreter's environment; the error, or None."""
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", requirement],
+    """Install a package into this interpreter's environment; the error, or None."""
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", requirement],
                             capture_output=True, text=True)
     importlib.invalidate_caches()
     if result.returncode != 0:
