@@ -47,7 +47,7 @@ class PagedHarness:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             hidden = self.model(input_ids, md.positions, self.kv_caches, md)
-            logits = self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden).float()
         for seq_id, tokens in batch:
             self.num_computed[seq_id] += len(tokens)
         return logits

@@ -15,6 +15,7 @@ from tokenmill.engine.request import Request, RequestStatus, SamplingParams
 from tokenmill.engine.runner import ModelRunner, kv_bytes_per_block
 from tokenmill.engine.scheduler import Scheduler, SchedulerConfig
 from tokenmill.models.loader import load_model
+from tokenmill.models.prepack import prepack_model
 from tokenmill.models.quantize import quantize_model
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class EngineCore:
             if not loaded_here:  # quantizing rewrites the modules: never do it to a model shared with others
                 raise ValueError("quantization is applied at load time: pass a model path, not a loaded model")
             quantize_model(loaded.model, config.quantization)
+        prepack_model(loaded.model)
         self.model_info = loaded.info
         self.tokenizer = loaded.tokenizer
         info = loaded.info

@@ -101,7 +101,7 @@ class ModelRunner:
 
         sampling_items = [item for item in items if item.sample]
         index = torch.tensor(sample_index, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden_states[index]).float()  # [num_samples, vocab]
+        logits = self.model.compute_logits(hidden_states[index])  # [num_samples, vocab]
         rows = []
         for item in sampling_items:
             state = self._states[item.request_id]

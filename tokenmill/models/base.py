@@ -29,6 +29,9 @@ class PagedCausalLM(nn.Module):
         self.model = model
         self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.final_logit_softcapping = final_logit_softcapping
+        # A module computing ``hidden @ output_weight().T`` faster (set from outside,
+        # see tokenmill/models/prepack.py); None: a plain F.linear.
+        self.output_head: nn.Module | None = None
 
     def forward(
         self,
@@ -40,11 +43,19 @@ class PagedCausalLM(nn.Module):
         """``input_ids``/``positions`` ``[num_tokens]`` -> hidden states ``[num_tokens, hidden]``."""
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's ``[vocab, hidden]`` weight (the embedding when tied)."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[n, hidden]`` -> float32 logits ``[n, vocab]``."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden_states, weight).float()
+        """``[n, hidden]`` -> logits ``[n, vocab]`` in the compute dtype, as the
+        reference computes them (callers upcast to float32 where they need to;
+        a greedy pick does not). Softcapping, when configured, is applied in float32."""
+        if self.output_head is not None:
+            logits = self.output_head(hidden_states)
+        else:
+            logits = F.linear(hidden_states, self.output_weight())
         if self.final_logit_softcapping is not None:
             cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
+            logits = torch.tanh(logits.float() / cap) * cap
         return logits
