@@ -197,7 +197,7 @@ class KeyStore:
         salt = secrets.token_bytes(_SALT_BYTES)
         prefix = secret[:len(SECRET_PREFIX) + 1 + _KEY_ID_HEX_CHARS + 1 + _SHOWN_RANDOM_CHARS]
         record = ApiKey(key_id=key_id, name=name, prefix=prefix, allowed_models=models, limits=limits,
-                        allow_overflow=allow_overflow, created_at=utcnow().replace(microsecond=0), revoked_at=None)
+                        allow_overflow=allow_overflow, created_at=utcnow(), revoked_at=None)
         with self._database.write() as connection:
             connection.execute(insert(api_keys).values(
                 key_id=key_id, name=name, prefix=prefix, salt=salt.hex(),
