@@ -6,7 +6,8 @@ import logging
 import pytest
 from sqlalchemy import event, text
 
-from tokenmill.gateway.keys import ApiKey, KeyLimits, KeyStore, UnknownKeyError, parse_secret
+from tokenmill.gateway.keys import (ApiKey, KeyLimits, KeyStore, KeyStoreUnavailableError, UnknownKeyError,
+                                    parse_secret)
 from tokenmill.gateway.store import open_database
 
 
@@ -217,3 +218,24 @@ def test_bad_key_fields_are_refused(sqlite_url):
     with pytest.raises(ValueError, match="allowed model names"):
         store.create("alice", allowed_models=["ok", ""])
     assert store.list(include_revoked=True) == []
+
+
+def test_a_database_outage_is_bridged_by_recent_entries_then_reported(sqlite_url):
+    database = open_database(sqlite_url)
+    clock = FakeClock()
+    store = KeyStore(database, cache_ttl_s=5.0, stale_if_error_s=60.0, clock=clock)
+    record, secret = store.create("alice")
+    assert store.authenticate(secret) == record
+    with database.write() as connection:  # the keys table becomes unreadable
+        connection.execute(text("ALTER TABLE gateway_api_keys RENAME TO gateway_api_keys_away"))
+    clock.now += 30  # past the TTL: the database is asked, fails, and the recent entry answers
+    assert store.authenticate(secret) == record
+    assert store.authenticate(secret[:-1] + _other_char(secret[-1])) is None
+    with pytest.raises(KeyStoreUnavailableError, match="unreachable"):
+        store.authenticate(f"tm-{'2' * 12}-{secret.split('-', 2)[2]}")  # never seen: nothing to fall back on
+    clock.now += 60
+    with pytest.raises(KeyStoreUnavailableError):
+        store.authenticate(secret)
+    with database.write() as connection:
+        connection.execute(text("ALTER TABLE gateway_api_keys_away RENAME TO gateway_api_keys"))
+    assert store.authenticate(secret) == record

@@ -80,14 +80,14 @@ def test_usage_as_a_table_and_as_json(capsys, sqlite_url):
 def test_the_config_file_names_the_database(capsys, tmp_path, sqlite_url):
     config = tmp_path / "gateway.yaml"
     config.write_text(f"database_url: {sqlite_url}\npools: {{}}\n")
-    code, out, _ = keys(capsys, "create", "--name", "from-config", "--json", "--config", str(config))
+    code, _out, _ = keys(capsys, "create", "--name", "from-config", "--json", "--config", str(config))
     assert code == 0
     assert [key.name for key in KeyStore(open_database(sqlite_url)).list()] == ["from-config"]
 
 
 def test_the_default_database_is_in_the_user_data_folder(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    code, out, _ = keys(capsys, "create", "--name", "default-location", "--json")
+    code, _out, _ = keys(capsys, "create", "--name", "default-location", "--json")
     assert code == 0
     assert (tmp_path / "data" / "tokenmill" / "gateway.db").exists()
 

@@ -199,6 +199,19 @@ def test_a_restart_does_not_reset_the_budget(make_limiter, sqlite_url):
     run(second_life())
 
 
+def test_an_unreadable_ledger_makes_the_limiter_unavailable(make_limiter):
+    def broken_ledger(key_id):
+        raise OSError("disk I/O error")
+
+    async def main():
+        limiter = make_limiter(spend_source=broken_ledger)
+        with pytest.raises(LimiterUnavailableError, match="month-to-date spend of key key1.*disk I/O error"):
+            await limiter.acquire(api_key(monthly_budget_usd=1.0), "r", 1)
+        await limiter.close()
+
+    run(main())
+
+
 def test_a_second_settle_is_ignored(make_limiter, caplog):
     async def main():
         limiter = make_limiter(spend_source=lambda key_id: 0.0)
@@ -254,7 +267,8 @@ _WORKER = textwrap.dedent("""
     from tokenmill.gateway.keys import ApiKey, KeyLimits
     from tokenmill.gateway.limits import Reservation, build_limiter
 
-    url, prefix, worker, duration, start_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+    url, prefix = sys.argv[1], sys.argv[2]
+    worker, duration, start_at = int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
     key = ApiKey("shared", "t", "tm-shared-", (), KeyLimits(tokens_per_minute=1000, requests_per_minute=40), True,
                  datetime.now(timezone.utc))
 

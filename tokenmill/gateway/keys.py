@@ -15,7 +15,10 @@ for `cache_ttl_s` seconds (default 5), so the database is read at most once per
 key per TTL; the HMAC is checked on every call. A revocation in the same process
 evicts the entry at once; other gateway processes see it within the TTL.
 Unknown key ids are cached as misses for the same TTL, so a flood of made-up
-keys does not reach the database either.
+keys does not reach the database either. If the database cannot be read when an
+entry has expired, the entry keeps answering for up to `stale_if_error_s`
+(default 5 minutes, logged); past that, or for a key never seen,
+`authenticate` raises `KeyStoreUnavailableError`.
 
 Contract: `KeyStore` methods are thread-safe and block on the database (except
 cache hits); in an asyncio app use `authenticate_async`, which answers cache hits
@@ -28,6 +31,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import math
 import re
 import secrets
@@ -39,8 +43,11 @@ from datetime import datetime
 from fnmatch import fnmatchcase
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
-from tokenmill.gateway.store import Database, api_keys, utcnow
+from tokenmill.gateway.store import Database, api_keys, one_line, utcnow
+
+logger = logging.getLogger(__name__)
 
 SECRET_PREFIX = "tm"
 _KEY_ID_HEX_CHARS = 12
@@ -54,6 +61,10 @@ MAX_NAME_LENGTH = 200
 
 class UnknownKeyError(LookupError):
     """No key has this id."""
+
+
+class KeyStoreUnavailableError(RuntimeError):
+    """The key database cannot be read and no recent cache entry can stand in (answer 503)."""
 
 
 def _positive_int_or_none(name: str, value) -> None:
@@ -167,9 +178,10 @@ class KeyStore:
     """API keys in the gateway database; see the module docstring for the contract."""
 
     def __init__(self, database: Database, cache_ttl_s: float = 5.0, cache_size: int = 10_000,
-                 clock=time.monotonic) -> None:
+                 stale_if_error_s: float = 300.0, clock=time.monotonic) -> None:
         if cache_ttl_s < 0:
             raise ValueError("cache_ttl_s must be >= 0")
+        self._stale_if_error_s = stale_if_error_s
         self._database = database
         self._cache_ttl_s = cache_ttl_s
         self._cache_size = cache_size
@@ -256,8 +268,12 @@ class KeyStore:
             return None
         found, stored = self._cached(key_id)
         if not found:
-            stored = self._load(key_id)
-            self._remember(key_id, stored)
+            try:
+                stored = self._load(key_id)
+            except SQLAlchemyError as error:
+                stored = self._stale_or_raise(key_id, error)
+            else:
+                self._remember(key_id, stored)
         return _verify(stored, secret)
 
     async def authenticate_async(self, secret: str) -> ApiKey | None:
@@ -284,16 +300,26 @@ class KeyStore:
         return _stored(row) if row is not None else None
 
     def _cached(self, key_id: str) -> tuple[bool, _StoredKey | None]:
+        """(fresh entry found, entry). Expired entries stay, for `_stale_or_raise`, until evicted."""
         with self._lock:
             entry = self._cache.get(key_id)
             if entry is None:
                 return False, None
             fetched_at, stored = entry
             if self._clock() - fetched_at >= self._cache_ttl_s:
-                del self._cache[key_id]
                 return False, None
             self._cache.move_to_end(key_id)
             return True, stored
+
+    def _stale_or_raise(self, key_id: str, error: SQLAlchemyError) -> _StoredKey | None:
+        """The database failed: answer from a recently expired entry, else raise KeyStoreUnavailableError."""
+        with self._lock:
+            entry = self._cache.get(key_id)
+        if entry is not None and self._clock() - entry[0] < self._stale_if_error_s:
+            logger.warning("key database unreachable (%s); using the cached entry of key %s", one_line(error), key_id)
+            return entry[1]
+        raise KeyStoreUnavailableError(f"the key database {self._database!r} is unreachable: "
+                                       f"{one_line(getattr(error, 'orig', None) or error)}") from None
 
     def _remember(self, key_id: str, stored: _StoredKey | None) -> None:
         if self._cache_ttl_s == 0:

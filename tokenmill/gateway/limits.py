@@ -29,8 +29,8 @@ server time, so the gateway hosts' clocks do not matter) and `InProcessLimiter`
 Contract:
 * `acquire` returns a `Reservation` (admitted) or a `Rejection` (nothing was
   recorded). It raises `ValueError` for a negative reservation and
-  `LimiterUnavailableError` when Redis cannot be reached (the caller chooses
-  to fail open or closed).
+  `LimiterUnavailableError` when Redis cannot be reached or a key's spend
+  cannot be seeded from the ledger (the caller chooses to fail open or closed).
 * Every `Reservation` must be settled exactly once, also when the request
   failed (with what was really consumed, maybe 0). A second settle of the same
   reservation is ignored with a warning. Settle is per process: the limiter
@@ -206,7 +206,11 @@ class Limiter(abc.ABC):
     async def _seed_value(self, key_id: str) -> float:
         if self._spend_source is None:
             return 0.0
-        value = await asyncio.to_thread(self._spend_source, key_id)
+        try:
+            value = await asyncio.to_thread(self._spend_source, key_id)
+        except Exception as error:  # noqa: BLE001 - the admission cannot be decided without it
+            raise LimiterUnavailableError(f"cannot read the month-to-date spend of key {key_id} from the usage "
+                                          f"ledger: {' '.join(str(error).split()) or type(error).__name__}") from None
         return float(value or 0.0)
 
     # -- shared formatting --------------------------------------------------

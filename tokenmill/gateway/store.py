@@ -322,6 +322,8 @@ def upgrade_schema(database: Database, revision: str = "head") -> None:
     from alembic import command
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
 
     script = ScriptDirectory.from_config(_alembic_config())
     target = script.get_current_head() if revision == "head" else revision
@@ -336,7 +338,7 @@ def upgrade_schema(database: Database, revision: str = "head") -> None:
             if current is not None:
                 try:
                     script.get_revision(current)
-                except Exception:
+                except (RevisionError, CommandError):
                     raise DatabaseError(
                         f"the database {redact(database.url)} is at schema revision {current!r}, which this "
                         "version of tokenmill does not know; it was written by a newer tokenmill") from None
