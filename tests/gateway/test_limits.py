@@ -40,7 +40,7 @@ def run(coroutine):
 
 def test_requests_per_window(make_limiter):
     async def main():
-        limiter = make_limiter(window_s=0.5)
+        limiter = make_limiter(window_s=1.0)
         key = api_key(requests_per_minute=3)
         admitted = [await limiter.acquire(key, f"r{i}", 0) for i in range(3)]
         assert all(isinstance(result, Reservation) for result in admitted)
@@ -48,8 +48,8 @@ def test_requests_per_window(make_limiter):
         assert limiter.headers(admitted[2])["x-ratelimit-remaining-requests"] == "0"
         rejected = await limiter.acquire(key, "r3", 0)
         assert isinstance(rejected, Rejection) and rejected.reason == "requests_per_minute"
-        assert "3 requests per 0.5 s" in rejected.message
-        assert 0 < rejected.retry_after_s <= 0.5
+        assert "3 requests per 1 s" in rejected.message
+        assert 0 < rejected.retry_after_s <= 1.0
         assert rejected.headers["retry-after"] == "1"
         assert rejected.headers["x-ratelimit-limit-requests"] == "3"
         assert rejected.headers["x-ratelimit-remaining-requests"] == "0"
@@ -102,12 +102,12 @@ def test_a_reservation_larger_than_the_limit_is_refused_with_advice(make_limiter
 
 def test_tokens_leave_the_window_after_window_s(make_limiter):
     async def main():
-        limiter = make_limiter(window_s=0.4)
+        limiter = make_limiter(window_s=1.0)
         key = api_key(tokens_per_minute=100)
         reservation = await limiter.acquire(key, "a", 100)
         await limiter.settle(reservation, 100)
         rejected = await limiter.acquire(key, "b", 30)
-        assert isinstance(rejected, Rejection) and 0 < rejected.retry_after_s <= 0.4
+        assert isinstance(rejected, Rejection) and 0 < rejected.retry_after_s <= 1.0
         await asyncio.sleep(rejected.retry_after_s + 0.05)
         assert isinstance(await limiter.acquire(key, "c", 100), Reservation)
         await limiter.close()
@@ -138,13 +138,13 @@ def test_concurrency_slots_are_freed_by_settle(make_limiter):
 
 def test_a_crashed_gateways_slots_come_back_after_the_lease(make_limiter):
     async def main():
-        crashed = make_limiter(concurrency_lease_s=0.3)
+        crashed = make_limiter(concurrency_lease_s=1.0)
         key = api_key(max_concurrent=1)
         assert isinstance(await crashed.acquire(key, "a", 1), Reservation)  # never settled
-        survivor = make_limiter(concurrency_lease_s=0.3)
+        survivor = make_limiter(concurrency_lease_s=1.0)
         limiter = survivor if isinstance(survivor, RedisLimiter) else crashed  # in-process: one process
         assert isinstance(await limiter.acquire(key, "b", 1), Rejection)
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(1.1)
         assert isinstance(await limiter.acquire(key, "c", 1), Reservation)
         await crashed.close()
         await survivor.close()
@@ -249,8 +249,9 @@ def test_two_redis_limiters_share_one_keys_limits(redis_url, redis_prefix):
         admitted = [result for result in results if isinstance(result, Reservation)]
         reasons = {result.reason for result in results if isinstance(result, Rejection)}
         assert len(admitted) == 8 and reasons == {"max_concurrent"}
-        for index, reservation in enumerate(admitted):
-            await gateways[index % 2].settle(reservation, 50)  # settled by the limiter that acquired it
+        for reservation in admitted:  # each settled by the limiter that acquired it
+            await gateways[int(reservation.request_id[1:]) % 2].settle(reservation, 50)
+        assert sum(gateway.outstanding for gateway in gateways) == 0
         results = await asyncio.gather(*(gateways[i % 2].acquire(key, f"s{i}", 100) for i in range(40)))
         admitted_again = [result for result in results if isinstance(result, Reservation)]
         # 8 x 50 tokens settled: 600 left -> 6 more; requests: 15 - 8 = 7 left

@@ -137,6 +137,7 @@ class Ledger:
         self._written = 0
         self._closing = False
         self._closed = False
+        self._flush_requested = False  # flush() waits: write without waiting for flush_interval_s
         self._thread: threading.Thread | None = None
         self._over_mark_warned = False
         self.rejected_rows = 0         # rows the database refused for their content (logged)
@@ -211,6 +212,7 @@ class Ledger:
                 self._write_synchronously_locked(deadline)
             target = self._recorded
             while self._written < target:
+                self._flush_requested = True
                 self._condition.notify_all()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -272,12 +274,14 @@ class Ledger:
                 while True:
                     if self._queue:
                         due = self._oldest_queued_at + self.flush_interval_s
-                        if self._closing or len(self._queue) >= self.batch_size or time.monotonic() >= due:
+                        if (self._closing or self._flush_requested or len(self._queue) >= self.batch_size
+                                or time.monotonic() >= due):
                             break
                         self._condition.wait(timeout=max(due - time.monotonic(), 0.001))
                     elif self._closing:
                         return
                     else:
+                        self._flush_requested = False
                         self._condition.wait()
                 batch = self._take_batch_locked()
             self._write_with_retry(batch)

@@ -395,6 +395,9 @@ class InProcessLimiter(Limiter):
 # numbers as strings (Lua numbers would be truncated to integers). status "seed": the month's
 # spend is not in Redis yet; the caller seeds it and calls again.
 _ACQUIRE = """
+-- Redis < 5 replicates scripts verbatim unless told to replicate their effects (TIME makes this one
+-- non-deterministic); from Redis 5 on this is the default and the call a no-op.
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local window = tonumber(ARGV[1])
