@@ -109,7 +109,24 @@ def test_flags_become_a_config():
     (["--extra-body", "[1]"], "JSON object"),
     (["--extra-body", "{"], "not valid JSON"),
     (["--burstiness", "0"], "--burstiness"),
+    (["--prefix-len", "-1"], "--prefix-len"),
+    (["--prefix-len", "5", "--dataset", "x.jsonl"], "synthetic prompts"),
 ])
 def test_inconsistent_flags_are_errors(argv, message):
     with pytest.raises(BenchError, match=message):
         parse(*argv)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_prefix_len_shares_one_prefix_across_prompts(endpoint):
+    from tokenmill.bench.workload import Workload
+
+    workload = Workload(parse("--prefix-len", "50", "--input-len", "10", "--endpoint", endpoint))
+    first, second = workload.request(0), workload.request(1)
+    if endpoint == "chat":
+        assert first.messages[0]["role"] == "system" and first.messages[0] == second.messages[0]
+        assert len(first.messages[0]["content"].split()) == 50 and first.messages[1] != second.messages[1]
+    else:
+        assert first.prompt.split()[:50] == second.prompt.split()[:50]
+        assert len(first.prompt.split()) == 60 and first.prompt != second.prompt
+    assert "shared prefix of about 50 tokens" in workload.describe()

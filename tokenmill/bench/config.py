@@ -234,6 +234,7 @@ class BenchConfig:
     input_len: LengthDistribution = field(default_factory=lambda: LengthDistribution("fixed", 128))
     output_len: LengthDistribution = field(default_factory=lambda: LengthDistribution("fixed", 128))
     dataset: Path | None = None
+    prefix_len: int = 0  # words of a prefix shared by every synthetic prompt
     ignore_eos: bool = False
     temperature: float | None = 0.0
     extra_body: dict = field(default_factory=dict)

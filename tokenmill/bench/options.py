@@ -57,6 +57,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                           help="prompt tokens: N, LOW-HIGH (uniform) or normal:MEAN,STD (default 128)")
     workload.add_argument("--output-len", default="128",
                           help="max_tokens per request, same forms as --input-len (default 128)")
+    workload.add_argument("--prefix-len", type=int, default=0,
+                          help="synthetic prompts all start with the same prefix of about N tokens (a shared "
+                               "system prompt; chat: a system message), to measure prefix caching (default 0)")
     workload.add_argument("--dataset", type=Path, default=None,
                           help='JSONL prompts, one {"prompt": ...} or {"messages": [...]} per line, '
                                'optionally with "max_tokens"')
@@ -180,11 +183,16 @@ def config_from_args(args: argparse.Namespace, progress_allowed: bool) -> BenchC
             raise BenchError("--extra-body must be a JSON object")
     if args.temperature < 0:
         raise BenchError("--temperature must be 0 or more")
+    if args.prefix_len < 0:
+        raise BenchError("--prefix-len must be 0 or more")
+    if args.prefix_len and args.dataset is not None:
+        raise BenchError("--prefix-len applies to synthetic prompts, not to a --dataset")
     return BenchConfig(
         base_url=normalize_base_url(args.base_url), model=args.model,
         api_key=args.api_key if args.api_key is not None else os.environ.get("OPENAI_API_KEY"),
         endpoint=args.endpoint, load=load, sweep=sweep, max_users=max_users,
         input_len=parse_length(args.input_len), output_len=parse_length(args.output_len), dataset=args.dataset,
+        prefix_len=args.prefix_len,
         ignore_eos=args.ignore_eos, temperature=args.temperature, extra_body=extra_body, seed=args.seed,
         slo=parse_slo(args.slo) if args.slo else SLO(), warmup=args.warmup, timeout=parse_duration(args.timeout),
         logprobs=args.logprobs, tokenizer=args.tokenizer, out=args.out, csv=args.csv, plot_dir=args.plot,

@@ -7,7 +7,9 @@ servers benched with one seed see an identical workload.
 Synthetic prompts are random sequences of common English words, about one token
 each in the usual BPE and SentencePiece vocabularies, so a prompt of N words is
 close to N tokens; the exact count comes from the server's `usage` and is
-reported. Each prompt draws its own words, so prompts share no prefix to cache.
+reported. Each prompt draws its own words, so prompts share no prefix to cache,
+unless `--prefix-len N` puts the same N words (drawn from the seed alone) in
+front of every prompt: a shared system prompt (chat: a system message).
 
 A dataset is a JSONL file, one request per line: {"prompt": "..."} or
 {"messages": [{"role": "user", "content": "..."}]}, optionally with
@@ -37,6 +39,7 @@ WORDS = (
 
 # Warm-up requests draw from their own stream so that they never repeat a measured prompt.
 _WARMUP_STREAM = 1 << 40
+_PREFIX_STREAM = 1 << 41
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class Workload:
         self.input_len = config.input_len
         self.output_len: LengthDistribution = config.output_len
         self.dataset = _load_dataset(config.dataset, config.endpoint) if config.dataset else None
+        prefix_rng = random.Random(config.seed * 1_000_003 + _PREFIX_STREAM)
+        self.prefix = " ".join(prefix_rng.choices(WORDS, k=config.prefix_len)) if config.prefix_len else ""
         if self.dataset is not None:
             self.order = list(range(len(self.dataset)))
             random.Random(config.seed).shuffle(self.order)
@@ -70,7 +75,8 @@ class Workload:
         outputs = f"output length {self.output_len.describe()} tokens"
         if self.dataset is not None:
             return f"{len(self.dataset)} dataset prompts, {outputs} unless a line sets max_tokens"
-        return f"synthetic prompts of about {self.input_len.describe()} tokens, {outputs}"
+        shared = f" after a shared prefix of about {len(self.prefix.split())} tokens" if self.prefix else ""
+        return f"synthetic prompts of about {self.input_len.describe()} tokens{shared}, {outputs}"
 
     def request(self, index: int) -> RequestSpec:
         rng = random.Random(self.seed * 1_000_003 + index)
@@ -84,8 +90,10 @@ class Workload:
         words = " ".join(rng.choices(WORDS, k=self.input_len.sample(rng)))
         max_tokens = self.output_len.sample(rng)
         if self.endpoint == "chat":
-            return RequestSpec(max_tokens=max_tokens, messages=({"role": "user", "content": words},))
-        return RequestSpec(max_tokens=max_tokens, prompt=words)
+            user = {"role": "user", "content": words}
+            messages = ({"role": "system", "content": self.prefix}, user) if self.prefix else (user,)
+            return RequestSpec(max_tokens=max_tokens, messages=messages)
+        return RequestSpec(max_tokens=max_tokens, prompt=f"{self.prefix} {words}" if self.prefix else words)
 
     def warmup_request(self, index: int) -> RequestSpec:
         return self.request(_WARMUP_STREAM + index)
