@@ -23,7 +23,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None    # bytes for the KV cache; None: 2 GiB
     num_kv_blocks: int | None = None      # exact block count; overrides kv_cache_memory
     enable_prefix_caching: bool = True
-    quantization: str | None = None       # weight-only: "int8" (decoder projections); None: the model dtype
+    quantization: str | None = None       # weight-only: "int8" or "int4" (see models/quantize.py); None: the dtype
     seed: int = 0
     cache_dir: str | None = None          # converted-model cache; None: $TOKENMILL_CACHE_DIR or ~/.cache/tokenmill
 
@@ -34,8 +34,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be int8 or None, got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ValueError(f"quantization must be int8, int4 or None, got {self.quantization!r}")
         for name in ("max_model_len", "kv_cache_memory", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -24,8 +24,8 @@ def test_prepacked_linear_matches_dense(dtype, num_rows):
 def test_prepack_model_replaces_every_projection_and_keeps_outputs(tiny_llama):
     reference = load_model(tiny_llama).model
     model = load_model(tiny_llama).model
-    assert prepack_model(model)
-    assert prepack_model(model)  # idempotent: a shared model is packed once
+    assert prepack_model(model, torch.float32, "cpu")
+    assert prepack_model(model, torch.float32, "cpu")  # idempotent: a shared model is packed once
     assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
     assert sum(isinstance(m, PrepackedLinear) for m in model.model.layers.modules()) == 2 * 4
     hidden = torch.randn(5, reference.config.hidden_size)

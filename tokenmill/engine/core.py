@@ -71,7 +71,7 @@ class EngineCore:
             if not loaded_here:  # quantizing rewrites the modules: never do it to a model shared with others
                 raise ValueError("quantization is applied at load time: pass a model path, not a loaded model")
             quantize_model(loaded.model, config.quantization)
-        prepack_model(loaded.model)
+        prepack_model(loaded.model, self.dtype, config.device)
         self.model_info = loaded.info
         self.tokenizer = loaded.tokenizer
         info = loaded.info

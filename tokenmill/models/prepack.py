@@ -62,22 +62,20 @@ class PrepackedLinear(nn.Module):
         return out.split(self.shard_sizes, dim=-1)
 
 
-def prepack_model(model: nn.Module, batch_hint: int = 32) -> bool:
+def prepack_model(model: nn.Module, dtype: torch.dtype, device: torch.device | str, batch_hint: int = 32) -> bool:
     """Pre-pack the decoder projections and the output layer of a loaded
-    `PagedCausalLM` in place. Returns False (and changes nothing) where
-    pre-packing does not apply to the model's device and dtype. Modules that are
-    not plain dense linears (e.g. quantized ones) are left alone."""
-    if model.output_head is not None:  # already done (a model shared by several engines)
-        return True
-    reference = model.output_weight()
-    if not prepack_supported(reference.device, reference.dtype):
+    `PagedCausalLM` computing in `dtype` on `device`, in place. Returns False
+    (and changes nothing) where pre-packing does not apply. Idempotent; modules
+    that are not plain dense linears (quantized ones, an output head already
+    set) are left alone."""
+    if not prepack_supported(device, dtype):
         return False
     for layer in model.model.layers:
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, PrepackedLinear.from_linear(child, batch_hint))
-    # The output layer keeps its plain weight too: tied models look embeddings up in it.
-    model.output_head = PrepackedLinear(reference, None, batch_hint)
+    if model.output_head is None:
+        # The plain weight stays too: tied models look embeddings up in it.
+        model.output_head = PrepackedLinear(model.output_weight(), None, batch_hint)
     return True
-

@@ -1,10 +1,24 @@
 """Weight-only quantization, applied to a loaded model by replacing its modules.
 
 The model files know nothing of it: `quantize_model` walks the decoder and swaps
-each projection (`nn.Linear`, including packed q/k/v and gate/up) for an int8
-version with one scale per output channel (symmetric, absmax / 127). Embeddings
-and the output layer stay in the model dtype: the tied embedding is also the
-lookup table, and the logits are the most precision-sensitive product.
+each projection (`nn.Linear`, including packed q/k/v and gate/up) for a
+quantized one, and quantizes the output layer too (it holds most of a small
+model's weights: 168M of Gemma 3 270M's 268M parameters):
+
+- ``int8``: symmetric, one scale per output channel (absmax / 127), everywhere.
+- ``int4``: decoder projections asymmetric 4-bit in groups of 64 input channels
+  (a scale and a zero point per group, as llama.cpp's Q4 formats); the output
+  layer int8, since the logits are the most precision-sensitive product.
+
+The tied embedding is looked up in the output layer's int8 table (dequantizing
+only the rows it reads), so it is stored once.
+
+Activations stay in the model dtype. On CPU the matmuls use PyTorch's
+weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`),
+which read the small weights directly; their cost grows with the number of
+rows, so a step of more than `dense_above` rows (a prefill chunk, a large
+decode batch) dequantizes the weight once and runs one dense matmul instead.
+Other devices always take the dequantize path.
 """
 from __future__ import annotations
 
@@ -12,57 +26,188 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATION_METHODS = ("int8",)
+QUANTIZATION_METHODS = ("int8", "int4")
+INT4_GROUP_SIZE = 64
+
+
+def _cpu_kernel_ok(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
 class Int8WeightOnlyLinear(nn.Module):
     """y = x @ (weight_int8 * scale)^T + bias, activations kept in their dtype.
 
-    On CPU with 16-bit activations it uses PyTorch's int8 weight-pack kernel;
-    otherwise it dequantizes on the fly (that kernel's float32 path measured ~10x
-    slower than dequantize + dense matmul here).
-    """
+    `dense_above`: above this many rows, dequantize and run a dense matmul
+    (the int8 kernel's cost is proportional to the rows; measured on a 2-core
+    AVX-512 CPU it wins up to about 8-16 rows of a 4096 x 640 weight)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dense_above: int = 8,
+                 shard_sizes: list[int] | None = None) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()                    # [out, in]
+        weight = weight.detach().float()                           # [out, in]
         scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         self.register_buffer("weight_int8", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales)  # float32; cast to the activation dtype per call (tiny)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.dense_above = dense_above
         # Packed projections (q/k/v, gate/up) keep their shard layout for `split`.
-        self.shard_sizes = getattr(linear, "shard_sizes", None)
+        self.shard_sizes = shard_sizes
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
+        return cls(linear.weight, linear.bias, shard_sizes=getattr(linear, "shard_sizes", None))
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight ``[out, in]`` as the kernels see it, in `dtype`."""
+        return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)                      # [num_tokens, in]
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-            out = torch.ops.aten._weight_int8pack_mm(x2d, self.weight_int8, self.scales.to(x.dtype))
+        if x2d.shape[0] <= self.dense_above and _cpu_kernel_ok(x2d):
+            out = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), self.weight_int8, self.scales.to(x.dtype))
+            if self.bias is not None:
+                out = out + self.bias
         else:
-            out = F.linear(x2d, self.weight_int8.to(x.dtype)) * self.scales.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
+            out = F.linear(x2d, self.dequantized(x.dtype), self.bias)
         return out.reshape(*shape[:-1], self.out_features)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return out.split(self.shard_sizes, dim=-1)
 
 
+def _unpack_int4_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Invert `_convert_weight_to_int4pack_for_cpu`: ``[out, in/2]`` uint8 -> ``[out, in]`` values 0..15.
+
+    The kernel's layout (torch 2.13): output channels in blocks of 64; within a
+    block, byte ``[k // 2, (n % 32) + 32 * (k % 2)]`` holds channel ``n < 32`` in
+    its low nibble and ``n + 32`` in its high one. `Int4WeightOnlyLinear` checks
+    this round trip on a test matrix before relying on it.
+    """
+    blocks = packed.view(out_features // 64, in_features // 2, 2, 32)  # [block, k // 2, k % 2, n % 32]
+    nibbles = torch.stack([blocks & 15, blocks >> 4], dim=-1)           # [..., n // 32 within the block]
+    return nibbles.permute(0, 4, 3, 1, 2).reshape(out_features, in_features)
+
+
+def _int4_layout_understood() -> bool:
+    values = torch.arange(64 * 128, dtype=torch.int32).view(64, 128) % 16
+    values = values.roll(shifts=(3, 5), dims=(0, 1))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+    return torch.equal(_unpack_int4_cpu(packed, 64, 128).to(torch.int32), values)
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """y = x @ W^T + bias with W stored as 4-bit codes q (0..15) per group of
+    `group_size` input channels: ``W = (q - 8) * scale + zero``.
+
+    On CPU the codes are kept only in the packed layout of PyTorch's int4 kernel
+    (half a byte per weight); rows beyond `dense_above` unpack them once for a
+    dense matmul. Elsewhere the codes are kept two per byte and dequantized."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = INT4_GROUP_SIZE,
+                 dense_above: int = 8, shard_sizes: list[int] | None = None) -> None:
+        super().__init__()
+        weight = weight.detach().float()
+        self.out_features, self.in_features = weight.shape
+        if self.in_features % group_size:
+            raise ValueError(f"in_features {self.in_features} is not a multiple of the int4 group size {group_size}")
+        self.group_size = group_size
+        groups = weight.view(self.out_features, -1, group_size)       # [out, in / group, group]
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)          # [out, in / group]
+        scale = ((high - low) / 15.0).clamp(min=1e-8)
+        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        codes = codes.view(self.out_features, self.in_features)
+        zero = low + 8.0 * scale                                       # so that W = (q - 8) * scale + zero
+        self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=-1).contiguous())
+        self.cpu_layout = (weight.device.type == "cpu" and self.out_features % 64 == 0
+                           and self.in_features % 2 == 0 and _int4_layout_understood())
+        if self.cpu_layout:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        else:
+            pairs = codes.to(torch.uint8).view(self.out_features, -1, 2)
+            packed = pairs[..., 0] | (pairs[..., 1] << 4)
+        self.register_buffer("weight_int4", packed)                    # [out, in / 2] uint8
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.dense_above = dense_above
+        self.shard_sizes = shard_sizes
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int4WeightOnlyLinear:
+        return cls(linear.weight, linear.bias, shard_sizes=getattr(linear, "shard_sizes", None))
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes ``[out, in]`` (uint8, 0..15)."""
+        if self.cpu_layout:
+            return _unpack_int4_cpu(self.weight_int4, self.out_features, self.in_features)
+        return torch.stack([self.weight_int4 & 15, self.weight_int4 >> 4], dim=-1).view(
+            self.out_features, self.in_features)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        groups = self.codes().to(dtype).sub_(8).view(self.out_features, -1, self.group_size)
+        scale = self.scales_and_zeros[..., 0].t().to(dtype)[..., None]  # [out, in / group, 1]
+        zero = self.scales_and_zeros[..., 1].t().to(dtype)[..., None]
+        return (groups * scale + zero).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, self.in_features)
+        if self.cpu_layout and x2d.shape[0] <= self.dense_above and _cpu_kernel_ok(x2d):
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2d.contiguous(), self.weight_int4, self.group_size, self.scales_and_zeros.to(x.dtype))
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            out = F.linear(x2d, self.dequantized(x.dtype), self.bias)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return out.split(self.shard_sizes, dim=-1)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding lookup in an int8 table with one scale per row: only the rows
+    looked up are dequantized. Shares its table with an `Int8WeightOnlyLinear`
+    output layer when the model ties them."""
+
+    def __init__(self, table: Int8WeightOnlyLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.table = table
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table.weight_int8.index_select(0, input_ids).to(self.dtype)  # [num_tokens, hidden]
+        return rows * self.table.scales.index_select(0, input_ids).to(self.dtype)[:, None]
+
+
+_PROJECTIONS = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear}
+
+
 def quantize_model(model: nn.Module, method: str) -> nn.Module:
-    """Quantize every linear projection of `model.model.layers` in place; returns the model.
-    Raises ValueError for an unknown method."""
+    """Quantize `model` (a `PagedCausalLM`) in place: every linear projection of
+    `model.model.layers` and the output layer (with the embedding when tied).
+    Returns the model. Raises ValueError for an unknown method."""
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unknown quantization {method!r}; choose from: {', '.join(QUANTIZATION_METHODS)}")
+    projection = _PROJECTIONS[method]
     for layer in model.model.layers:
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8WeightOnlyLinear(child))
+                    setattr(parent, name, projection.from_linear(child))
+    dtype = model.model.embed_tokens.weight.dtype
+    if model.lm_head is None:  # tied: one int8 table serves the lookup and the logits
+        head = Int8WeightOnlyLinear(model.model.embed_tokens.weight)
+        model.model.embed_tokens = Int8Embedding(head, dtype)
+    else:
+        head = Int8WeightOnlyLinear(model.lm_head.weight)
+        model.lm_head = None
+    model.output_head = head
     return model
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers (weights, scales)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes held by the model's parameters and buffers (weights, scales), each counted once."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
