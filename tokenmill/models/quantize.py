@@ -6,7 +6,7 @@ quantized one, and quantizes the output layer too (it holds most of a small
 model's weights: 168M of Gemma 3 270M's 268M parameters):
 
 - ``int8``: symmetric, one scale per output channel (absmax / 127), everywhere.
-- ``int4``: decoder projections asymmetric 4-bit in groups of 64 input channels
+- ``int4``: decoder projections asymmetric 4-bit in groups of 32 input channels
   (a scale and a zero point per group, as llama.cpp's Q4 formats); the output
   layer int8, since the logits are the most precision-sensitive product.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 QUANTIZATION_METHODS = ("int8", "int4")
-INT4_GROUP_SIZE = 64
+INT4_GROUP_SIZE = 32
 
 
 def _cpu_kernel_ok(x: torch.Tensor) -> bool:
@@ -97,6 +97,52 @@ def _int4_layout_understood() -> bool:
     return torch.equal(_unpack_int4_cpu(packed, 64, 128).to(torch.int32), values)
 
 
+def _int4_quantize_groups(groups: torch.Tensor, steps: int = 16,
+                          refinements: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes for ``groups [out, num_groups, group]`` (float32).
+
+    Each group's grid is ``low + q * scale``, q in 0..15. Spanning exactly
+    [min, max] wastes levels on outliers, so the range is also tried shrunk
+    (both ends toward the middle, by up to 30% in `steps` steps) and each group
+    keeps the grid with the least squared error, as llama.cpp's quantizers search;
+    then the grid is refitted by least squares to the chosen codes and the codes
+    re-rounded, `refinements` times, keeping any improvement.
+    Returns (codes uint8, scale, low), the last two ``[out, num_groups]``."""
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    best_error = best_codes = best_scale = best_low = None
+    for shrink in torch.linspace(0.0, 0.3, steps).tolist():
+        margin = (high - low) * shrink / 2
+        trial_low, trial_high = low + margin, high - margin
+        scale = ((trial_high - trial_low) / 15.0).clamp(min=1e-8)
+        codes = torch.round((groups - trial_low[..., None]) / scale[..., None]).clamp(0, 15)
+        error = ((codes * scale[..., None] + trial_low[..., None] - groups) ** 2).sum(dim=-1)
+        if best_error is None:
+            best_error, best_codes, best_scale, best_low = error, codes, scale, trial_low
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_codes = torch.where(better[..., None], codes, best_codes)
+        best_scale = torch.where(better, scale, best_scale)
+        best_low = torch.where(better, trial_low, best_low)
+    for _ in range(refinements):
+        # Least-squares grid for the chosen codes (2x2 normal equations per group), then re-round.
+        n = groups.shape[-1]
+        sum_q, sum_w = best_codes.sum(-1), groups.sum(-1)
+        sum_qq, sum_qw = (best_codes * best_codes).sum(-1), (best_codes * groups).sum(-1)
+        det = n * sum_qq - sum_q * sum_q
+        solvable = det > 0
+        scale = torch.where(solvable, (n * sum_qw - sum_q * sum_w) / det.clamp(min=1e-12), best_scale).clamp(min=1e-8)
+        trial_low = torch.where(solvable, (sum_w - scale * sum_q) / n, best_low)
+        codes = torch.round((groups - trial_low[..., None]) / scale[..., None]).clamp(0, 15)
+        error = ((codes * scale[..., None] + trial_low[..., None] - groups) ** 2).sum(dim=-1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_codes = torch.where(better[..., None], codes, best_codes)
+        best_scale = torch.where(better, scale, best_scale)
+        best_low = torch.where(better, trial_low, best_low)
+    return best_codes.to(torch.uint8), best_scale, best_low
+
+
 class Int4WeightOnlyLinear(nn.Module):
     """y = x @ W^T + bias with W stored as 4-bit codes q (0..15) per group of
     `group_size` input channels: ``W = (q - 8) * scale + zero``.
@@ -113,11 +159,8 @@ class Int4WeightOnlyLinear(nn.Module):
         if self.in_features % group_size:
             raise ValueError(f"in_features {self.in_features} is not a multiple of the int4 group size {group_size}")
         self.group_size = group_size
-        groups = weight.view(self.out_features, -1, group_size)       # [out, in / group, group]
-        low, high = groups.amin(dim=-1), groups.amax(dim=-1)          # [out, in / group]
-        scale = ((high - low) / 15.0).clamp(min=1e-8)
-        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-        codes = codes.view(self.out_features, self.in_features)
+        codes, scale, low = _int4_quantize_groups(weight.view(self.out_features, -1, group_size))
+        codes = codes.view(self.out_features, self.in_features).to(torch.int32)
         zero = low + 8.0 * scale                                       # so that W = (q - 8) * scale + zero
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=-1).contiguous())
         self.cpu_layout = (weight.device.type == "cpu" and self.out_features % 64 == 0
