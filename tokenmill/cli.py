@@ -19,7 +19,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=None,
                        help="Hugging Face model directory or .gguf file (default: the bundled Gemma 3 270M)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="compute dtype; auto = float32 on CPU, bfloat16 on CUDA")
+                       help="compute dtype; auto = bfloat16 on CUDA and on CPUs with native bf16 "
+                            "(AVX-512 BF16 or AMX), else float32")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="longest sequence (prompt + output) accepted; default: the model's context, "

@@ -14,7 +14,7 @@ class EngineConfig:
     """What the engine is asked for. Values derived from the model (such as the
     final max_model_len) are resolved by the engine core at start-up."""
     model: str | None = None              # HF directory or .gguf file; None: the default Gemma 3 270M
-    dtype: str = "auto"                   # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"                   # auto: bfloat16 on CUDA and native-bf16 CPUs, else float32
     device: str = "cpu"
     max_model_len: int | None = None      # None: the model's context, capped by what the KV cache holds
     max_num_seqs: int = 256

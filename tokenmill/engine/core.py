@@ -11,6 +11,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.kv_manager import KVCacheManager
 from tokenmill.engine.outputs import SampleLogprobs
+from tokenmill.engine.platform import cpu_has_native_bf16
 from tokenmill.engine.request import Request, RequestStatus, SamplingParams
 from tokenmill.engine.runner import ModelRunner, kv_bytes_per_block
 from tokenmill.engine.scheduler import Scheduler, SchedulerConfig
@@ -24,8 +25,11 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """"auto": bfloat16 on CUDA and on CPUs with native bf16 matmuls, else float32."""
     if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type == "cuda" or cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     return _TORCH_DTYPES[dtype]
 
 
