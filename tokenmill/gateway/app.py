@@ -101,13 +101,16 @@ def build_gateway_app(config: GatewayConfig) -> FastAPI:
     app.state.gateway = gateway
     install_error_handlers(app)
 
-    @app.post("/v1/chat/completions")
+    # The two proxied routes are plain Starlette routes: the body is the upstream's
+    # business, and FastAPI's per-request dependency machinery would only add latency.
     async def chat_completions(raw: Request):
         return await gateway.handle("chat", raw)
 
-    @app.post("/v1/completions")
     async def completions(raw: Request):
         return await gateway.handle("completions", raw)
+
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", completions, methods=["POST"])
 
     @app.get("/v1/models")
     async def list_models(raw: Request):

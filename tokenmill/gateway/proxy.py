@@ -41,7 +41,9 @@ from tokenmill.server.errors import APIError, error_body
 
 logger = logging.getLogger("tokenmill.gateway")
 
-CLIENT_SHARD_SIZE = 8  # requests per httpx pool: httpcore scans a whole pool at each request start and end
+# Requests per httpx client: httpcore scans every connection of its pool (a poll() system call
+# for each idle one) at each request start and end, so many small pools beat one big one.
+CLIENT_SHARD_SIZE = 2
 _RETRYABLE_STATUSES = frozenset({401, 403, 408, 409, 425, 429})
 _DONE = b"data: [DONE]\n\n"
 
@@ -255,6 +257,12 @@ class _UpstreamFailure(Exception):
         self.timeout = timeout
 
 
+@functools.lru_cache(maxsize=1)
+def _ssl_context():
+    """One TLS context for every client: building one loads the CA bundle (tens of ms)."""
+    return httpx.create_ssl_context()
+
+
 class ClientShards:
     """httpx clients of one upstream, each with at most about CLIENT_SHARD_SIZE requests."""
 
@@ -267,8 +275,8 @@ class ClientShards:
         best = min(range(len(self._clients)), key=self._in_flight.__getitem__, default=None)
         if best is None or self._in_flight[best] >= CLIENT_SHARD_SIZE:
             self._clients.append(httpx.AsyncClient(
-                timeout=httpx.Timeout(self._connect_s),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=4 * CLIENT_SHARD_SIZE,
+                timeout=httpx.Timeout(self._connect_s), verify=_ssl_context(),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=CLIENT_SHARD_SIZE,
                                     keepalive_expiry=30.0)))
             self._in_flight.append(0)
             best = len(self._clients) - 1
@@ -593,7 +601,11 @@ class Proxy:
 
 
 class _OpenStream:
-    """A committed upstream stream: the rest of its events, then the bookkeeping, once."""
+    """A committed upstream stream. Its reader task (`start()`) reads the upstream
+    and queues what to send; the relay takes everything queued at once (`take()`),
+    so events that arrived in one network read leave in one write, and nothing
+    waits for an event that has not arrived. The total timeout is one timer that
+    cancels the reader. `finish()` does the bookkeeping, once."""
 
     def __init__(self, upstream: Upstream, response: httpx.Response, chunks, reader: _StreamReader,
                  first: bytes, deadline: float, shards: ClientShards, shard: int, share_token: float,
@@ -602,7 +614,6 @@ class _OpenStream:
         self.response = response
         self.chunks = chunks
         self.reader = reader
-        self.first = first
         self.deadline = deadline
         self._shards = shards
         self._shard = shard
@@ -610,35 +621,93 @@ class _OpenStream:
         self._on_done = on_done
         self.outcome = outcome
         self._finished = False
+        self._queued: list[bytes] = [first] if first else []
+        self._ended = False
+        self._waiter: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
 
-    async def rest(self):
-        """The bytes after the first ones; ends with [DONE] or an error event."""
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._read())
+        self._timer = loop.call_at(loop.time() + max(0.0, self.deadline - time.monotonic()), self._time_out)
+
+    def _time_out(self) -> None:
+        self._timed_out = True
+        self._task.cancel()
+
+    def _put(self, data: bytes) -> None:
+        self._queued.append(data)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> bytes | None:
+        """Everything queued since the last call (waiting if nothing is); None at the end."""
+        while not self._queued:
+            if self._ended:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._queued[0] if len(self._queued) == 1 else b"".join(self._queued)
+        self._queued.clear()
+        return data
+
+    async def _read(self) -> None:
         reader = self.reader
+        chunks = self.chunks
         try:
             while not reader.done:
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(remaining):
-                    chunk = await self.chunks.__anext__()
-                out = reader.feed(chunk)
+                out = reader.feed(await chunks.__anext__())
                 if out:
-                    yield out
-            yield _DONE
+                    self._put(out)
+            async for _ in chunks:  # read the body to its end, so that the connection is reused
+                pass
+            self._put(_DONE)
         except StopAsyncIteration:
             self._cut("the upstream ended the stream before it was complete", "stream_truncated")
-            yield _error_event(self.outcome.error, "stream_truncated")
-        except (TimeoutError, httpx.TimeoutException):
-            self._cut("the request exceeded its total timeout", "timeout")
-            yield _error_event(self.outcome.error, "timeout", "timeout_error")
+        except httpx.TimeoutException:
+            self._cut("the upstream sent nothing for too long", "timeout", "timeout_error")
         except httpx.HTTPError as error:
-            self._cut(f"the upstream connection broke mid-stream ({type(error).__name__})", "stream_interrupted")
-            yield _error_event(self.outcome.error, "stream_interrupted")
+            if not reader.done:
+                self._cut(f"the upstream connection broke mid-stream ({type(error).__name__})",
+                          "stream_interrupted")
+            else:
+                self._put(_DONE)  # the answer was complete; only the connection is not reusable
+        except asyncio.CancelledError:
+            if not self._timed_out:
+                raise
+            if reader.done:
+                self._put(_DONE)
+            else:
+                self._cut("the request exceeded its total timeout", "timeout", "timeout_error")
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._ended = True
+            self._put(b"")
 
-    def _cut(self, message: str, code: str) -> None:
+    def _cut(self, message: str, code: str, type_: str = "upstream_error") -> None:
         self.outcome.error = message
         self.outcome.error_code = code
         logger.warning("stream from %s ended with an error: %s", self.upstream.label, message)
+        self._put(_error_event(message, code, type_))
+
+    async def stop(self) -> None:
+        """Stop reading (idempotent): the reader task is cancelled and awaited."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._timer is not None:
+            self._timer.cancel()
 
     def finish(self) -> None:
         """Bookkeeping, exactly once (the caller then closes the response)."""
@@ -668,13 +737,15 @@ class RelayResponse(Response):
         watcher = self.watcher
         task = asyncio.current_task()
         watcher.retarget(task)
-        rest = stream.rest()
+        stream.start()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            if stream.first:
-                await send({"type": "http.response.body", "body": stream.first, "more_body": True})
-            async for data in rest:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+            while True:
+                data = await stream.take()
+                if data is None:
+                    break
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
             watcher.stop()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
@@ -693,6 +764,6 @@ class RelayResponse(Response):
             stream.outcome.error_code = "client_closed"
         finally:
             watcher.stop()
+            await stream.stop()
             stream.finish()
-            await rest.aclose()
             await stream.response.aclose()

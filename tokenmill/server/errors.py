@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError
-
 logger = logging.getLogger(__name__)
+
+
+def _engine_errors() -> tuple[type, type, type] | None:
+    """(EngineOverloadedError, EngineDeadError, RequestFailedError) once the engine is loaded.
+
+    Looked up rather than imported, so that processes without an engine (the
+    gateway) do not load torch for their error map: before the engine module is
+    imported, none of its exceptions can exist."""
+    module = sys.modules.get("tokenmill.engine.async_engine")
+    if module is None:
+        return None
+    return module.EngineOverloadedError, module.EngineDeadError, module.RequestFailedError
 
 
 class APIError(Exception):
@@ -44,15 +55,18 @@ def to_api_error(error: BaseException, retry_after: int = 1) -> APIError:
     """The API error for an exception raised while serving a request."""
     if isinstance(error, APIError):
         return error
-    if isinstance(error, EngineOverloadedError):
-        return APIError(503, f"the server is overloaded: {error}; retry later", "server_overloaded",
-                        code="overloaded", headers={"Retry-After": str(retry_after)})
-    if isinstance(error, EngineDeadError):
-        return APIError(503, f"the engine is not available: {error}", "service_unavailable",
-                        code="engine_unavailable", headers={"Retry-After": str(retry_after)})
-    if isinstance(error, RequestFailedError):
-        return APIError(503, str(error), "service_unavailable", code="engine_error",
-                        headers={"Retry-After": str(retry_after)})
+    engine_errors = _engine_errors()
+    if engine_errors is not None:
+        overloaded, dead, failed = engine_errors
+        if isinstance(error, overloaded):
+            return APIError(503, f"the server is overloaded: {error}; retry later", "server_overloaded",
+                            code="overloaded", headers={"Retry-After": str(retry_after)})
+        if isinstance(error, dead):
+            return APIError(503, f"the engine is not available: {error}", "service_unavailable",
+                            code="engine_unavailable", headers={"Retry-After": str(retry_after)})
+        if isinstance(error, failed):
+            return APIError(503, str(error), "service_unavailable", code="engine_error",
+                            headers={"Retry-After": str(retry_after)})
     if isinstance(error, ValueError):
         return APIError(400, str(error), "invalid_request_error")
     logger.exception("unexpected error while serving a request", exc_info=error)
@@ -94,7 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _known(_: Request, error: Exception):
         return error_response(to_api_error(error))
 
-    for known in (ValueError, EngineOverloadedError, EngineDeadError, RequestFailedError):
+    for known in (ValueError, *(_engine_errors() or ())):
         app.add_exception_handler(known, _known)
 
     @app.exception_handler(Exception)
