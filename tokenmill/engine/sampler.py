@@ -104,38 +104,51 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     samples this step. Does not modify `logits`. Returns the sampled token ids and,
     per row, the logprobs asked for (None when not asked). Probabilities and
     logprobs are computed in float32; a greedy pick needs no upcast (it is exact)."""
-    want_logprobs = [row.params.logprobs is not None for row in rows]
     needs_processing = any(row.params.has_penalties or len(row.output_token_ids) < row.params.min_tokens
                            for row in rows)
     greedy = [row.params.greedy for row in rows]
-    if all(greedy) and not needs_processing and not any(want_logprobs):
-        return _first_argmax(logits).tolist(), [None] * len(rows)
-
-    logits = logits.float()
-    raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
-    processed = logits
-    if needs_processing:
-        processed = logits.clone()
-        _apply_penalties(processed, rows)
-        for i, row in enumerate(rows):
-            if len(row.output_token_ids) < row.params.min_tokens and row.stop_token_ids:
-                processed[i, list(row.stop_token_ids)] = float("-inf")
-
-    token_ids = _first_argmax(processed)
-    if not all(greedy):
-        random_index = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
-        random_rows = [rows[i] for i in random_index]
-        probs = _filter(processed[random_index], random_rows)
-        token_ids[random_index] = _draw(probs, random_rows)
+    if all(greedy) and not needs_processing:
+        token_ids = _first_argmax(logits)
+    else:
+        processed = logits.float()  # a copy when logits are 16-bit; cloned below otherwise
+        if needs_processing:
+            if processed is logits:
+                processed = processed.clone()
+            _apply_penalties(processed, rows)
+            for i, row in enumerate(rows):
+                if len(row.output_token_ids) < row.params.min_tokens and row.stop_token_ids:
+                    processed[i, list(row.stop_token_ids)] = float("-inf")
+        token_ids = _first_argmax(processed)
+        if not all(greedy):
+            random_index = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
+            random_rows = [rows[i] for i in random_index]
+            probs = _filter(processed[random_index], random_rows)
+            token_ids[random_index] = _draw(probs, random_rows)
     token_list = token_ids.tolist()
+    return token_list, _logprobs(logits, rows, token_list)
 
-    logprobs: list[SampleLogprobs | None] = [None] * len(rows)
-    for i, row in enumerate(rows):
-        if not want_logprobs[i]:
-            continue
+
+def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], token_ids: list[int]) -> list[SampleLogprobs | None]:
+    """Logprobs of the raw model distribution for the rows that ask: logit - logsumexp,
+    with the top-n picked on the raw logits (same order), never a full log_softmax."""
+    result: list[SampleLogprobs | None] = [None] * len(rows)
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    if not wanted:
+        return result
+    index = torch.tensor(wanted, device=logits.device)
+    subset = logits.index_select(0, index)                           # [num_wanted, vocab]
+    log_normalizer = torch.logsumexp(subset.float(), dim=-1).tolist()
+    chosen = subset.gather(1, torch.tensor([[token_ids[i]] for i in wanted], device=logits.device))
+    chosen = chosen.float().flatten().tolist()
+    most = max(rows[i].params.logprobs for i in wanted)
+    if most:
+        top_values, top_indices = subset.topk(most, dim=-1)
+        top_values, top_indices = top_values.float().tolist(), top_indices.tolist()
+    for position, i in enumerate(wanted):
+        count = rows[i].params.logprobs
         top = []
-        if row.params.logprobs:
-            values, indices = raw_logprobs[i].topk(row.params.logprobs)
-            top = list(zip(indices.tolist(), values.tolist()))
-        logprobs[i] = SampleLogprobs(token_logprob=float(raw_logprobs[i, token_list[i]]), top=top)
-    return token_list, logprobs
+        if count:
+            top = [(token, value - log_normalizer[position])
+                   for token, value in zip(top_indices[position][:count], top_values[position][:count])]
+        result[i] = SampleLogprobs(token_logprob=chosen[position] - log_normalizer[position], top=top)
+    return result
