@@ -2,9 +2,9 @@
 """The gateway's added latency: streamed requests through `tokenmill gateway` vs straight to the upstream.
 
 A fake OpenAI-compatible server (`python -m tokenmill.bench.fake_server`, its own
-process) answers every streamed completion at once (16 one-token chunks, usage,
-`[DONE]`), so nearly all of a request's latency is HTTP and the code in
-between. A `tokenmill gateway` process (its own SQLite ledger, one key without
+process) answers every streamed completion (16 one-token chunks, usage, `[DONE]`)
+either at once, so nearly all of a request's latency is HTTP and the code in
+between, or paced like an LLM (TTFT 50 ms, 30 ms between tokens). A `tokenmill gateway` process (its own SQLite ledger, one key without
 limits, in-process limiter) fronts it. The real command line, `tokenmill bench`,
 in a process of its own, sends the same closed-loop load to each in turn:
 `--concurrency` streams at once, end-to-end latency per request (sent -> last
@@ -43,10 +43,15 @@ from tokenmill.bench.process import stop_process, wait_until_healthy  # noqa: E4
 SECTION = "gateway_overhead"
 TARGET_P50_MS = 2.0
 TARGET_P99_MS = 15.0
+# (name, TTFT s, ITL s) of the fake upstream: answering at once (only HTTP is left to measure; at 100
+# streams a closed loop then runs as fast as the CPUs allow), and streaming as an LLM does.
+SCENARIOS = (("instant", 0.0, 0.0), ("streaming 33 tok/s", 0.05, 0.03))
+PACED_REQUEST_SHARE = {1: 0.06, "many": 0.5}  # a paced request lasts 0.5 s: fewer of them per run
 
 
 @dataclass
 class Comparison:
+    scenario: str
     concurrency: int
     requests: int
     direct_p50: float
@@ -73,9 +78,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_fake_server(output_tokens: int) -> tuple[subprocess.Popen, str]:
+def start_fake_server(output_tokens: int, ttft: float, itl: float) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen([sys.executable, "-m", "tokenmill.bench.fake_server", "--port", "0",
-                                "--output-tokens", str(output_tokens)], stdout=subprocess.PIPE, text=True)
+                                "--output-tokens", str(output_tokens), "--ttft", str(ttft), "--itl", str(itl)],
+                               stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     if not line.startswith("listening on "):
         process.kill()
@@ -131,8 +137,10 @@ def e2e(summary: dict, stat: str) -> float:
     return summary["e2e_ms"][stat]
 
 
-def compare(args, concurrency: int, direct_url: str, gateway_url: str, secret: str, gateway_pid: int) -> Comparison:
+def compare(args, scenario: str, concurrency: int, direct_url: str, gateway_url: str, secret: str, gateway_pid: int) -> Comparison:
     requests = args.requests_at_1 if concurrency == 1 else args.num_requests
+    if scenario != "instant":
+        requests = max(10, int(requests * PACED_REQUEST_SHARE[1 if concurrency == 1 else "many"]))
     runs = {"direct": [], "gateway": []}
     failed = 0
     shares = []
@@ -151,21 +159,21 @@ def compare(args, concurrency: int, direct_url: str, gateway_url: str, secret: s
         return statistics.median(e2e(s, stat) for s in runs[target])
 
     known = [s for s in shares if s is not None]
-    return Comparison(concurrency=concurrency, requests=requests, direct_p50=median("direct", "p50"),
+    return Comparison(scenario=scenario, concurrency=concurrency, requests=requests, direct_p50=median("direct", "p50"),
                       direct_p99=median("direct", "p99"), gateway_p50=median("gateway", "p50"),
                       gateway_p99=median("gateway", "p99"), failed=failed,
                       gateway_cpu_share=statistics.median(known) if known else None)
 
 
 def render_section(args, comparisons: list[Comparison]) -> str:
-    rows = [[str(c.concurrency), f"{c.requests:,}", f"{c.direct_p50:.2f}", f"{c.gateway_p50:.2f}",
+    rows = [[c.scenario, str(c.concurrency), f"{c.requests:,}", f"{c.direct_p50:.2f}", f"{c.gateway_p50:.2f}",
              f"**{c.added_p50:+.2f}**", f"{c.direct_p99:.2f}", f"{c.gateway_p99:.2f}", f"**{c.added_p99:+.2f}**",
              str(c.failed), "-" if c.gateway_cpu_share is None else f"{c.gateway_cpu_share:.0%}"]
             for c in comparisons]
     verdicts = []
     for c in comparisons:
         ok = c.added_p50 <= TARGET_P50_MS and c.added_p99 <= TARGET_P99_MS
-        verdicts.append(f"at {c.concurrency} stream{'s' if c.concurrency > 1 else ''} the gateway adds "
+        verdicts.append(f"{c.scenario}, {c.concurrency} stream{'s' if c.concurrency > 1 else ''}: "
                         f"{c.added_p50:.2f} ms at p50 and {c.added_p99:.2f} ms at p99 "
                         f"({'meets' if ok else 'misses'} the targets)")
     argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -181,8 +189,12 @@ def render_section(args, comparisons: list[Comparison]) -> str:
         (f"Machine: {cpu_model()} ({os.cpu_count()} cores, shared by the load tester, the gateway, the fake "
          f"upstream and anything else running), Python {platform.python_version()}."),
         "",
-        (f"The upstream is the fake server (`python -m tokenmill.bench.fake_server`, its own process), which answers "
-         f"each streamed completion at once with {args.output_tokens} one-token chunks, usage and `[DONE]`. The "
+        (f"The upstream is the fake server (`python -m tokenmill.bench.fake_server`, its own process) sending "
+         f"{args.output_tokens} one-token chunks, usage and `[DONE]`: *instant* answers at once (so only HTTP and "
+         "the code in between are measured; at 100 streams the closed loop then runs as fast as the machine's "
+         "CPUs allow, and the gateway's extra CPU per request shows as queueing), *streaming 33 tok/s* sends "
+         f"the first token after {SCENARIOS[1][1] * 1e3:.0f} ms and the next ones {SCENARIOS[1][2] * 1e3:.0f} ms "
+         "apart, as an LLM does. The "
          "gateway is a `tokenmill gateway` process in front of it (SQLite ledger, one key, in-process limiter, "
          "one pool of one upstream). `tokenmill bench` (its own process) sends the same closed-loop load to the "
          "upstream and to the gateway in turn, for example"),
@@ -196,7 +208,7 @@ def render_section(args, comparisons: list[Comparison]) -> str:
          "target of each run's percentile. Added = through the gateway minus direct. Gateway CPU = its share "
          "of all cores during its runs."),
         "",
-        markdown_table(["streams", "requests", "direct p50", "gateway p50", "added p50", "direct p99",
+        markdown_table(["upstream", "streams", "requests", "direct p50", "gateway p50", "added p50", "direct p99",
                         "gateway p99", "added p99", "failed", "gateway CPU"], rows),
         "",
         "; ".join(verdicts).capitalize() + f" (targets: p50 ≤ {TARGET_P50_MS:g} ms, p99 ≤ {TARGET_P99_MS:g} ms).",
@@ -222,23 +234,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    fake, upstream_url = start_fake_server(args.output_tokens)
     comparisons = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="gateway-overhead-") as workdir:
-            gateway, gateway_url, secret = start_gateway(Path(workdir), upstream_url)
-            try:
-                for concurrency in args.concurrency:
-                    result = compare(args, concurrency, upstream_url, gateway_url, secret, gateway.pid)
-                    comparisons.append(result)
-                    print(f"{concurrency} stream(s): p50 {result.direct_p50:.2f} -> {result.gateway_p50:.2f} ms "
-                          f"(added {result.added_p50:+.2f}), p99 {result.direct_p99:.2f} -> "
-                          f"{result.gateway_p99:.2f} ms (added {result.added_p99:+.2f}), {result.failed} failed",
-                          flush=True)
-            finally:
-                stop_process(gateway, timeout_s=30)
-    finally:
-        stop_process(fake, timeout_s=10)
+    for scenario, ttft, itl in SCENARIOS:
+        fake, upstream_url = start_fake_server(args.output_tokens, ttft, itl)
+        try:
+            with tempfile.TemporaryDirectory(prefix="gateway-overhead-") as workdir:
+                gateway, gateway_url, secret = start_gateway(Path(workdir), upstream_url)
+                try:
+                    for concurrency in args.concurrency:
+                        result = compare(args, scenario, concurrency, upstream_url, gateway_url, secret, gateway.pid)
+                        comparisons.append(result)
+                        print(f"{scenario}, {concurrency} stream(s): p50 {result.direct_p50:.2f} -> "
+                              f"{result.gateway_p50:.2f} ms (added {result.added_p50:+.2f}), p99 "
+                              f"{result.direct_p99:.2f} -> {result.gateway_p99:.2f} ms (added "
+                              f"{result.added_p99:+.2f}), {result.failed} failed", flush=True)
+                finally:
+                    stop_process(gateway, timeout_s=30)
+        finally:
+            stop_process(fake, timeout_s=10)
     if args.write_docs:
         write_marked_section(args.docs_path, SECTION, render_section(args, comparisons))
         print(f"wrote the {SECTION} section of {args.docs_path}")
