@@ -4,7 +4,8 @@
 A fake OpenAI-compatible server (`python -m tokenmill.bench.fake_server`, its own
 process) answers every streamed completion (16 one-token chunks, usage, `[DONE]`)
 either at once, so nearly all of a request's latency is HTTP and the code in
-between, or paced like an LLM (TTFT 50 ms, 30 ms between tokens). A `tokenmill gateway` process (its own SQLite ledger, one key without
+between, or paced like an LLM (TTFT 50 ms, 30 ms between tokens). A
+`tokenmill gateway` process (its own SQLite ledger, one key without
 limits, in-process limiter) fronts it. The real command line, `tokenmill bench`,
 in a process of its own, sends the same closed-loop load to each in turn:
 `--concurrency` streams at once, end-to-end latency per request (sent -> last
@@ -137,7 +138,8 @@ def e2e(summary: dict, stat: str) -> float:
     return summary["e2e_ms"][stat]
 
 
-def compare(args, scenario: str, concurrency: int, direct_url: str, gateway_url: str, secret: str, gateway_pid: int) -> Comparison:
+def compare(args, scenario: str, concurrency: int, direct_url: str, gateway_url: str, secret: str,
+            gateway_pid: int) -> Comparison:
     requests = args.requests_at_1 if concurrency == 1 else args.num_requests
     if scenario != "instant":
         requests = max(10, int(requests * PACED_REQUEST_SHARE[1 if concurrency == 1 else "many"]))

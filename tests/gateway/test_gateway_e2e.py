@@ -18,7 +18,6 @@ from datetime import timedelta
 
 import httpx
 import orjson
-import pytest
 from gateway_harness import (GatewayProcess, GatewayThread, config_dict, create_key, fast_pool, free_port,
                              ledger_rows, sse_data, stream_text)
 

@@ -35,7 +35,6 @@ import orjson
 from starlette.responses import Response
 
 from tokenmill.bench.sse import SSEParser
-from tokenmill.gateway.routing import estimate_tokens
 from tokenmill.gateway.upstreams import Upstream, UpstreamPool
 from tokenmill.server.errors import APIError, error_body
 
@@ -199,6 +198,13 @@ def upstream_body(request: ProxyRequest, upstream_model: str, max_tokens: int) -
 
 
 # ---- what happened ------------------------------------------------------------------------
+def token_count(value) -> int | None:
+    """A usage count from an upstream, if it is one (a non-negative integer)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
 @dataclass
 class Outcome:
     """How a forwarded request ended; handed once to the caller's `on_done`."""
@@ -335,8 +341,8 @@ class _StreamReader:
         usage = event.get("usage")
         choices = event.get("choices") or ()
         if isinstance(usage, dict):
-            self.outcome.prompt_tokens = usage.get("prompt_tokens", self.outcome.prompt_tokens)
-            self.outcome.completion_tokens = usage.get("completion_tokens", self.outcome.completion_tokens)
+            self.outcome.prompt_tokens = token_count(usage.get("prompt_tokens"))
+            self.outcome.completion_tokens = token_count(usage.get("completion_tokens"))
             if not self.request.include_usage:
                 if not choices:
                     return None
@@ -496,8 +502,8 @@ class Proxy:
             return
         usage = answer.get("usage")
         if isinstance(usage, dict):
-            outcome.prompt_tokens = usage.get("prompt_tokens")
-            outcome.completion_tokens = usage.get("completion_tokens")
+            outcome.prompt_tokens = token_count(usage.get("prompt_tokens"))
+            outcome.completion_tokens = token_count(usage.get("completion_tokens"))
         choices = answer.get("choices") or []
         if choices and isinstance(choices[0], dict):
             first = choices[0]

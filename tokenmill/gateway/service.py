@@ -135,7 +135,12 @@ class Gateway:
         if not secret:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "authentication_error",
                            code="missing_api_key")
-        key = await self.store.authenticate_async(secret)
+        try:
+            key = await self.store.authenticate_async(secret)
+        except Exception as error:  # the database behind a cache miss is down: not the client's fault
+            logger.error("cannot check an API key: %s", error)
+            raise APIError(503, "the gateway cannot check API keys right now; retry shortly", "service_unavailable",
+                           code="key_store_unavailable", headers={"Retry-After": "2"}) from None
         if key is None:
             raise APIError(401, "invalid API key (unknown, revoked or mistyped)", "authentication_error",
                            code="invalid_api_key")
@@ -299,13 +304,18 @@ class Gateway:
         if flight.reservation is not None:
             self._spawn(self._settle(flight.reservation, prompt_tokens + completion_tokens, cost))
         error = outcome.error
-        self.ledger.record(UsageRecord(
-            request_id=flight.request_id, key_id=flight.key.key_id,
-            model=request.model if request is not None else "", route=route,
-            upstream=f"{pool_name}/{upstream}" if upstream else pool_name, tier=pool.tier if pool else "",
-            status_code=status, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            ttft_s=outcome.ttft_s, latency_s=latency, cost_usd=cost, format_checked=format_checked,
-            format_ok=format_ok, error=error[:500] if error else None, created_at=datetime.now(timezone.utc)))
+        try:
+            self.ledger.record(UsageRecord(
+                request_id=flight.request_id, key_id=flight.key.key_id,
+                model=request.model if request is not None else "", route=route,
+                upstream=f"{pool_name}/{upstream}" if upstream else pool_name, tier=pool.tier if pool else "",
+                status_code=status, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                ttft_s=outcome.ttft_s, latency_s=latency, cost_usd=cost, format_checked=format_checked,
+                format_ok=format_ok, error=error[:500] if error else None, created_at=datetime.now(timezone.utc)))
+        except (ValueError, RuntimeError) as problem:  # the answer has gone out; say loudly what was not kept
+            logger.error("usage row of request %s not recorded (%s): key %s, route %s, status %s, tokens %s+%s, "
+                         "cost %.6f", flight.request_id, problem, flight.key.key_id, route, status, prompt_tokens,
+                         completion_tokens, cost)
 
     async def _settle(self, reservation: Reservation, tokens: int, cost: float) -> None:
         try:
