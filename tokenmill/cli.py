@@ -38,9 +38,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="reuse the KV blocks of shared prompt prefixes")
     group.add_argument("--seed", type=int, default=0, help="seed of the engine's shared random generator")
     group.add_argument("--quantization", default=None, choices=["int8", "int4"],
-                       help="weight-only quantization at load time (activations stay in --dtype). int8: one "
-                            "scale per output channel everywhere; int4: decoder projections 4-bit in groups of "
-                            "32 with the output layer/embedding int8")
+                       help="weight-only quantization of the decoder projections at load time (activations, "
+                            "embedding and output layer stay in --dtype). int8: one scale per output channel; "
+                            "int4: 4-bit in groups of 32")
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

@@ -15,6 +15,7 @@ from tokenmill.engine.platform import cpu_has_native_bf16
 from tokenmill.engine.request import Request, RequestStatus, SamplingParams
 from tokenmill.engine.runner import ModelRunner, kv_bytes_per_block
 from tokenmill.engine.scheduler import Scheduler, SchedulerConfig
+from tokenmill.kernels import load_cpu_kernels
 from tokenmill.models.loader import load_model
 from tokenmill.models.prepack import prepack_model
 from tokenmill.models.quantize import quantize_model
@@ -76,6 +77,8 @@ class EngineCore:
                 raise ValueError("quantization is applied at load time: pass a model path, not a loaded model")
             quantize_model(loaded.model, config.quantization)
         prepack_model(loaded.model, self.dtype, config.device)
+        if torch.device(config.device).type == "cpu":
+            load_cpu_kernels()  # built once per machine; here rather than in the first request's step
         self.model_info = loaded.info
         self.tokenizer = loaded.tokenizer
         info = loaded.info

@@ -14,7 +14,7 @@ from tokenmill.models.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.models.layers.linear import PackedLinear
 from tokenmill.models.layers.mlp import GatedMLP
 from tokenmill.models.layers.norm import GemmaRMSNorm
-from tokenmill.models.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from tokenmill.models.layers.rotary import RotaryEmbedding, rope_parameters, split_qk_rotary
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -62,11 +62,9 @@ class Gemma3Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, attn_metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))  # [num_tokens, num_heads, head_dim]
-        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))  # [num_tokens, kv_heads, head_dim]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # q [num_tokens, num_heads, head_dim], k and v [num_tokens, kv_heads, head_dim]; q and k normed, rotated.
+        q, k, v = split_qk_rotary(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
+                                  self.q_norm, self.k_norm)
         o = paged_attention(q, k, v, kv_cache, attn_metadata, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
 
@@ -84,11 +82,16 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps=eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps=eps)
 
-    def forward(self, h, cos, sin, kv_cache, attn_metadata) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, attn_metadata)
-        h = h + self.post_attention_layernorm(attn)
-        mlp = self.mlp(self.pre_feedforward_layernorm(h))
-        return h + self.post_feedforward_layernorm(mlp)
+    def forward(self, h, residual, cos, sin, kv_cache, attn_metadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output not yet added to the residual stream, the stream):
+        the next layer (or the final norm) adds them as it normalizes."""
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.post_attention_layernorm(self.self_attn(h, cos, sin, kv_cache, attn_metadata))
+        h, residual = self.pre_feedforward_layernorm(h, residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
 
 
 class Gemma3Model(nn.Module):
@@ -118,10 +121,11 @@ class Gemma3Model(nn.Module):
         # reference implementation does (sqrt(640) is 25.25 in bf16, not 25.298).
         h = h * torch.tensor(self.hidden_size**0.5, dtype=h.dtype).item()
         rope = {kind: emb(positions, h.dtype) for kind, emb in self.rotary.items()}
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             cos, sin = rope[layer.layer_type]
-            h = layer(h, cos, sin, kv_cache, attn_metadata)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin, kv_cache, attn_metadata)
+        return self.norm(h, residual)[0]
 
 
 class Gemma3ForCausalLM(PagedCausalLM):

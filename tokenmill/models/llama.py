@@ -14,7 +14,7 @@ from tokenmill.models.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.models.layers.linear import PackedLinear
 from tokenmill.models.layers.mlp import GatedMLP
 from tokenmill.models.layers.norm import RMSNorm
-from tokenmill.models.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from tokenmill.models.layers.rotary import RotaryEmbedding, rope_parameters, split_qk_rotary
 
 
 def head_dim(config) -> int:
@@ -57,13 +57,9 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, attn_metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, kv_heads, head_dim]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # q [num_tokens, num_heads, head_dim], k and v [num_tokens, kv_heads, head_dim]; q and k rotated.
+        q, k, v = split_qk_rotary(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
+                                  self.q_norm if self.qk_norm else None, self.k_norm if self.qk_norm else None)
         o = paged_attention(q, k, v, kv_cache, attn_metadata, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
 
@@ -81,9 +77,16 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, kv_cache, attn_metadata) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, attn_metadata)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, residual, cos, sin, kv_cache, attn_metadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it): the next
+        layer (or the final norm) adds them as it normalizes."""
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, attn_metadata)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -101,9 +104,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         cos, sin = self.rotary(positions, h.dtype)  # shared by every layer
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, kv_cache, attn_metadata)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin, kv_cache, attn_metadata)
+        return self.norm(h, residual)[0]
 
 
 class LlamaForCausalLM(PagedCausalLM):

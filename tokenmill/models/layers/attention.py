@@ -7,8 +7,10 @@ absolute position ``p`` of a sequence lives at flat slot
 
 One engine step may mix decodes (one new token, long context) with prefill
 chunks (many new tokens, possibly with earlier chunks already cached). All
-single-token sequences are served by one batched SDPA call over their gathered
-keys; every multi-token sequence gets its own SDPA call.
+single-token sequences are served together: on CPU by one fused kernel that
+reads each sequence's blocks in place (tokenmill/kernels), elsewhere by one
+batched SDPA call over their gathered keys; every multi-token sequence gets its
+own SDPA call.
 
 Only slots holding this sequence's own K/V (written this step or earlier) are
 ever read, and padding repeats such a slot under a mask, so whatever the rest of
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from tokenmill.kernels import cpu_kernels_for
 
 
 @dataclass
@@ -68,6 +72,8 @@ class AttentionMetadata:
     query_start_cpu: list[int]
     decode_seq_ids: torch.Tensor  # [num_decodes] sequences with query_len == 1
     decode_token_ids: torch.Tensor  # [num_decodes] their rows in the batch
+    decode_block_tables: torch.Tensor  # [num_decodes, max_num_blocks] int64, their block tables
+    decode_context_lens: torch.Tensor  # [num_decodes] int64, their context lengths (the query included)
     num_decodes: int
     all_decode: bool  # every row is a decode, in sequence order
     # Host copies for planning, so building a plan never syncs with the device.
@@ -79,12 +85,14 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return self.query_start_cpu[-1]
 
-    def window_plan(self, sliding_window: int | None) -> WindowPlan:
-        """Gather indices and masks for ``sliding_window``, computed on first use."""
-        plan = self._plans.get(sliding_window)
+    def window_plan(self, sliding_window: int | None, decodes: bool = True) -> WindowPlan:
+        """Gather indices and masks for ``sliding_window``, computed on first use;
+        without the decode gather when `decodes` is false (the fused kernel needs none)."""
+        key = (sliding_window, decodes)
+        plan = self._plans.get(key)
         if plan is None:
-            plan = _build_window_plan(self, sliding_window)
-            self._plans[sliding_window] = plan
+            plan = _build_window_plan(self, sliding_window, decodes)
+            self._plans[key] = plan
         return plan
 
 
@@ -126,11 +134,13 @@ def build_attention_metadata(
 
     decode_seq_ids = torch.nonzero(q_lens == 1).flatten()
     num_decodes = decode_seq_ids.numel()
+    context_lens = computed + q_lens
+    all_decode = num_decodes == num_seqs
     return AttentionMetadata(
         positions=positions.to(device),
         slot_mapping=slots.to(device),
         query_start_loc=query_start.to(device),
-        context_lens=(computed + q_lens).to(device),
+        context_lens=context_lens.to(device),
         block_tables=tables.to(device),
         block_size=block_size,
         query_lens_cpu=list(query_lens),
@@ -138,8 +148,10 @@ def build_attention_metadata(
         query_start_cpu=query_start.tolist(),
         decode_seq_ids=decode_seq_ids.to(device),
         decode_token_ids=query_start[decode_seq_ids].to(device),
+        decode_block_tables=(tables if all_decode else tables[decode_seq_ids]).to(device),
+        decode_context_lens=(context_lens if all_decode else context_lens[decode_seq_ids]).to(device),
         num_decodes=num_decodes,
-        all_decode=num_decodes == num_seqs,
+        all_decode=all_decode,
         block_tables_cpu=tables,
         decode_seq_ids_cpu=decode_seq_ids,
     )
@@ -151,12 +163,12 @@ def _slots(tables: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor,
     return blocks * block_size + positions % block_size
 
 
-def _build_window_plan(md: AttentionMetadata, window: int | None) -> WindowPlan:
+def _build_window_plan(md: AttentionMetadata, window: int | None, decodes: bool) -> WindowPlan:
     device = md.positions.device
     tables = md.block_tables_cpu
 
     decode_slots = decode_mask = None
-    if md.num_decodes:
+    if md.num_decodes and decodes:
         seq_ids = md.decode_seq_ids_cpu
         ctx = torch.tensor(md.num_computed_cpu, dtype=torch.int64)[seq_ids] + 1  # [num_decodes]
         # The single query sits at ctx - 1, so the visible keys are [lo, ctx).
@@ -235,10 +247,19 @@ def paged_attention(
     flat_k.index_copy_(0, md.slot_mapping, k.to(key_cache.dtype))
     flat_v.index_copy_(0, md.slot_mapping, v.to(value_cache.dtype))
 
-    plan = md.window_plan(sliding_window)
+    fused_decode = md.num_decodes > 0 and cpu_kernels_for(q) and key_cache.dtype == q.dtype
+    plan = md.window_plan(sliding_window, decodes=not fused_decode)
     out = None if md.all_decode else q.new_empty(num_tokens, num_heads, head_dim)
 
-    if md.num_decodes:
+    if fused_decode:
+        dq = q if md.all_decode else q.index_select(0, md.decode_token_ids)
+        o = torch.ops.tokenmill.paged_decode_attention(
+            dq.contiguous(), key_cache, value_cache, md.decode_block_tables, md.decode_context_lens, scale,
+            sliding_window or 0)  # [num_decodes, num_heads, head_dim]
+        if md.all_decode:
+            return o
+        out.index_copy_(0, md.decode_token_ids, o)
+    elif md.num_decodes:
         n = md.num_decodes
         # [n, kv_heads, max_keys, head_dim]: a strided view, SDPA reads it in place.
         keys = _gather(plan, key_cache, "k").view(n, -1, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)

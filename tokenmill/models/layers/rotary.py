@@ -5,6 +5,8 @@ import math
 import torch
 from torch import nn
 
+from tokenmill.kernels import cpu_kernels_for
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -87,3 +89,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
+
+
+def split_qk_rotary(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                    sin: torch.Tensor, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
+    """The fused q/k/v projection ``[num_tokens, (H + 2 KV) * D]`` -> q ``[num_tokens, H, D]``
+    and k ``[num_tokens, KV, D]``, each RMS-normalized per head by `q_norm` / `k_norm`
+    when given and then rotated, and v ``[num_tokens, KV, D]``. One fused kernel on CPU."""
+    num_tokens = qkv.shape[0]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    v = qkv[:, q_size + kv_size:].view(num_tokens, num_kv_heads, head_dim)
+    if (cpu_kernels_for(qkv) and qkv.is_contiguous() and cos.dtype == qkv.dtype
+            and (q_norm is None or q_norm.weight.dtype == qkv.dtype)):
+        q, k = torch.ops.tokenmill.qk_norm_rope(
+            qkv, None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight,
+            cos.contiguous(), sin.contiguous(), num_heads, num_kv_heads, head_dim,
+            q_norm.eps if q_norm is not None else 0.0, bool(getattr(q_norm, "gemma", False)))
+        return q, k, v
+    q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v

@@ -1,0 +1,124 @@
+"""The fused CPU kernels compute what the plain PyTorch path computes."""
+import pytest
+import torch
+
+from tokenmill.kernels import cpu_kernels_for, load_cpu_kernels, set_cpu_kernels_enabled
+from tokenmill.models.layers.attention import build_attention_metadata, paged_attention
+from tokenmill.models.layers.mlp import GatedMLP
+from tokenmill.models.layers.norm import GemmaRMSNorm, RMSNorm
+from tokenmill.models.layers.rotary import split_qk_rotary
+
+pytestmark = pytest.mark.skipif(not load_cpu_kernels(), reason="the fused CPU kernels cannot be built here")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture
+def plain_path():
+    """Run a block of code on the plain PyTorch path."""
+    class Switch:
+        def __enter__(self):
+            set_cpu_kernels_enabled(False)
+
+        def __exit__(self, *exc):
+            set_cpu_kernels_enabled(True)
+    yield Switch()
+    set_cpu_kernels_enabled(True)
+
+
+def assert_same(fused, plain, dtype):
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused, plain, atol=2e-5, rtol=2e-5)
+    else:  # a different summation order may flip the rounding of a few values by one bf16 step
+        difference = (fused.float() - plain.float()).abs()
+        assert (difference > 0).float().mean() < 0.02
+        assert bool((difference <= plain.float().abs() * 2**-7 + 1e-6).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_class", [RMSNorm, GemmaRMSNorm])
+@pytest.mark.parametrize("dim", [640, 100])  # a multiple of the vector width and not
+def test_norms_with_and_without_residual(plain_path, dtype, norm_class, dim):
+    torch.manual_seed(0)
+    norm = norm_class(dim, eps=1e-6).to(dtype)
+    norm.weight.data.normal_(0, 0.2)
+    x, residual = torch.randn(7, dim, dtype=dtype), torch.randn(7, dim, dtype=dtype)
+    assert cpu_kernels_for(x)
+    fused_out, fused_residual = norm(x, residual.clone())
+    with plain_path:
+        plain_out, plain_residual = norm(x, residual.clone())
+        plain_alone = norm(x)
+    assert_same(norm(x), plain_alone, dtype)
+    assert_same(fused_out, plain_out, dtype)
+    torch.testing.assert_close(fused_residual, plain_residual, atol=0, rtol=0)  # one rounding of one sum
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_norms", [True, False])
+def test_qk_norm_and_rotary(plain_path, dtype, with_norms):
+    from tokenmill.models.layers.rotary import RotaryEmbedding
+    torch.manual_seed(1)
+    heads, kv_heads, head_dim, tokens = 4, 2, 64, 9
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    cos, sin = RotaryEmbedding(head_dim, {"rope_type": "default", "rope_theta": 10000.0})(
+        torch.arange(100, 100 + tokens), dtype)
+    norms = (None, None)
+    if with_norms:
+        norms = tuple(GemmaRMSNorm(head_dim).to(dtype) for _ in range(2))
+        for norm in norms:
+            norm.weight.data.normal_(0, 0.2)
+    fused = split_qk_rotary(qkv, heads, kv_heads, head_dim, cos, sin, *norms)
+    with plain_path:
+        plain = split_qk_rotary(qkv, heads, kv_heads, head_dim, cos, sin, *norms)
+    for a, b in zip(fused, plain):
+        assert a.shape == b.shape
+        assert_same(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "silu"])
+def test_gated_activation(plain_path, dtype, activation):
+    torch.manual_seed(2)
+    mlp = GatedMLP(48, 200, activation).to(dtype)
+    x = torch.randn(5, 48, dtype=dtype) * 3
+    fused = mlp(x)
+    with plain_path:
+        plain = mlp(x)
+    assert_same(fused, plain, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("block_size", [4, 32])  # inside one 16-key tile, and tiles inside a block
+def test_decode_attention_reads_the_paged_cache_in_place(plain_path, dtype, window, block_size):
+    torch.manual_seed(3)
+    kv_heads, heads, head_dim = 2, 8, 64
+    shape = (40, block_size, kv_heads, head_dim)
+    # NaN in every unused slot: attention must never read another sequence's or an empty slot.
+    caches = [(torch.full(shape, float("nan"), dtype=dtype), torch.full(shape, float("nan"), dtype=dtype))
+              for _ in range(2)]
+    contexts = [1, 7, 13, 4] if block_size == 4 else [1, 40, 70, 17]  # tokens already cached, per sequence
+    tables = [[3, 9, 1, 4], [0, 2], [5, 6, 7, 8], [10, 11]]
+    # Fill each sequence's cached keys/values with a prefill through the plain path.
+    for cache in caches:
+        md = build_attention_metadata(contexts, [0] * 4, tables, block_size, "cpu")
+        k = torch.randn(sum(contexts), kv_heads, head_dim, dtype=dtype)
+        with plain_path:
+            paged_attention(torch.randn(sum(contexts), heads, head_dim, dtype=dtype), k, torch.randn_like(k), cache,
+                            md, 0.125, window)
+    caches[1][0].copy_(caches[0][0])
+    caches[1][1].copy_(caches[0][1])
+    md = build_attention_metadata([1] * 4, contexts, tables, block_size, "cpu")
+    q = torch.randn(4, heads, head_dim, dtype=dtype)
+    k, v = torch.randn(4, kv_heads, head_dim, dtype=dtype), torch.randn(4, kv_heads, head_dim, dtype=dtype)
+    reference_cache = tuple(c.float() for c in caches[1])
+    fused = paged_attention(q, k, v, caches[0], md, 0.125, window)
+    with plain_path:
+        plain = paged_attention(q, k, v, caches[1], md, 0.125, window)
+        reference = paged_attention(q.float(), k.float(), v.float(), reference_cache, md, 0.125, window)
+    assert not fused.isnan().any()
+    if dtype == torch.float32:
+        assert_same(fused, plain, dtype)
+    else:  # SDPA rounds its probabilities to bf16; the kernel keeps them in float32: no less accurate
+        fused_error = (fused.float() - reference).abs().max()
+        plain_error = (plain.float() - reference).abs().max()
+        assert fused_error <= plain_error * 1.01 + 1e-6, (fused_error, plain_error)
