@@ -167,6 +167,9 @@ class Gateway:
             flight.finish(status=error.status, error=error.message)
             error.headers = {**error.headers, "x-request-id": request_id}
             return error_response(error)
+        except Exception as error:  # a bug: release what the request holds, then the error map answers 500
+            flight.finish(status=500, error=f"internal error: {type(error).__name__}")
+            raise
         except asyncio.CancelledError:
             if not watcher.gone:
                 flight.finish(status=CLIENT_CLOSED, error="the gateway stopped before the request was answered")
