@@ -17,7 +17,7 @@ from sqlalchemy import select
 from tokenmill.bench.process import stop_process, wait_until_healthy
 from tokenmill.gateway.config import parse_config
 from tokenmill.gateway.keys import KeyLimits, KeyStore
-from tokenmill.gateway.store import open_database, usage
+from tokenmill.gateway.store import api_keys, feedback, open_database, usage
 
 
 def free_port() -> int:
@@ -55,6 +55,16 @@ def create_key(database_url: str, name: str = "test", allowed_models=(), allow_o
 def ledger_rows(database_url: str) -> list:
     with open_database(database_url).read() as connection:
         return list(connection.execute(select(usage)))
+
+
+def database_text(database_url: str) -> str:
+    """Every row of every gateway table (keys, usage, feedback), each column as text."""
+    lines = []
+    with open_database(database_url).read() as connection:
+        for table in (api_keys, usage, feedback):
+            for row in connection.execute(select(table)):
+                lines.append(" ".join("" if value is None else str(value) for value in row))
+    return "\n".join(lines)
 
 
 def sse_data(text: str) -> list:

@@ -1,6 +1,7 @@
 """The gateway's API: keys and their refusals, limits, auto routing, usage, feedback, models, health."""
 import pytest
-from gateway_harness import GatewayThread, config_dict, create_key, fast_pool, ledger_rows, sse_data
+from gateway_harness import (GatewayThread, config_dict, create_key, database_text, fast_pool, ledger_rows,
+                             sse_data)
 
 from tokenmill.bench.fake_server import FakeScript, FakeServerThread
 
@@ -64,6 +65,12 @@ def test_keys_models_and_budgets_are_refused_with_clear_errors(upstreams, databa
         error = assert_error(over, 402, "budget_exceeded")
         assert "budget" in error["message"]
         gateway.flush_ledger()
+    # no table of the database holds a secret or its random part after the traffic
+    dump = database_text(database_url)
+    for key in (secret, broke):
+        _, key_id, random_part = key.split("-", 2)
+        assert dump.count(key_id) >= 2  # the search does look at the key's row and its usage rows
+        assert key not in dump and random_part not in dump
     statuses = sorted(row.status_code for row in ledger_rows(database_url))
     # authenticated requests each have one row; the three 401s have none
     assert statuses.count(403) == 1 and statuses.count(404) == 1 and statuses.count(400) == 3

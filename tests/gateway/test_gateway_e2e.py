@@ -6,7 +6,7 @@ The issue's acceptance points, each against real components:
   streams cut mid-way end with an error event, nothing hangs;
 - a slow self-hosted pool with a 2 s SLA overflows to the external tier while the
   queue-depth metric shows the backlog;
-- SIGTERM during load loses no ledger row.
+- SIGTERM during load loses no ledger row (and the key's secret is nowhere in the database file).
 """
 import asyncio
 import os
@@ -124,12 +124,22 @@ def start_replica(tmp_path, name: str) -> tuple[subprocess.Popen, str, object]:
 
 
 def test_a_replica_killed_mid_load_fails_over_without_silent_truncation(tmp_path, sqlite_url):
+    from tokenmill.models.loader import default_model_path
+
+    # The bundled model file is assembled on first use; two replicas starting together on a fresh
+    # machine would both write it, and one would read the other's half-written file.
+    default_model_path()
     replicas = [start_replica(tmp_path, f"replica{n}") for n in range(2)]
     try:
         for process, url, (_, log) in replicas:
             wait_until_healthy(process, url, 240, log)
+        # One failure ejects: the killed replica refuses connections at once, so it is ejected by its
+        # first request or check whatever the load. The surviving replica, busy with both replicas'
+        # work on shared cores, may answer a check slowly: it has 10 s, so only a replica that does
+        # not answer at all is ejected.
         pool = fast_pool([f"{url}/v1" for _, url, _ in replicas], model="gemma-3-270m",
-                         health={"interval_s": 0.5, "eject_after_failures": 1, "readmit_after_s": 60},
+                         health={"interval_s": 0.5, "timeout_s": 10, "eject_after_failures": 1,
+                                 "readmit_after_s": 60},
                          timeouts={"first_token_s": 60, "total_s": 120}, affinity={"prefix_chars": 0})
         _, secret = create_key(sqlite_url)
         config = config_dict(sqlite_url, {"gemma": pool}, {"gemma": {"pool": "gemma"}})
@@ -163,8 +173,17 @@ def test_a_replica_killed_mid_load_fails_over_without_silent_truncation(tmp_path
 
             results, after_kill_s = asyncio.run(load())
             # the requests waiting in the killed replica's queue were sent again, to the other one
-            retries = gateway.gateway.pools["gemma"].num_retries
+            pool_state = gateway.gateway.pools["gemma"]
+            retries = pool_state.num_retries
             assert retries >= 1
+            # the killed replica is out of the rotation (by a failed request or a failed check) and
+            # stays out, while the survivor stays in; polled, as the checks run on the gateway's thread
+            deadline = time.monotonic() + 30
+            while victim.healthy and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not victim.healthy and victim.num_ejections == 1
+            survivor = pool_state.upstreams[1]
+            assert survivor.healthy and survivor.num_ejections == 0
     finally:
         for process, _, (handle, _) in replicas:
             stop_process(process, timeout_s=15)
@@ -277,3 +296,8 @@ def test_sigterm_during_load_drains_and_loses_no_ledger_row(tmp_path, sqlite_url
     rows = ledger_rows(sqlite_url)
     assert len(answered) > 20
     assert len(rows) == len(answered) and {row.request_id for row in rows} == ids
+    # after all that traffic, the key's secret is in neither the database files (with the WAL) nor the log
+    random_part = secret.split("-", 2)[2]
+    stored = b"".join(path.read_bytes() for path in tmp_path.glob("gateway.db*"))
+    assert stored and secret.encode() not in stored and random_part.encode() not in stored
+    assert random_part not in gateway.log_path.read_text(errors="replace")
