@@ -28,6 +28,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
     group.add_argument("--max-num-batched-tokens", type=int, default=2048,
                        help="token budget of one engine step (long prompts are chunked to fit)")
+    group.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                       help="most tokens of one prompt computed per step, so running streams keep going while "
+                            "a long prompt is read; 0 = only the step budget (default: 256 on CPU, 0 on GPU)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     group.add_argument("--kv-cache-memory", type=parse_size, default=None,
                        help="memory reserved for the KV cache, e.g. 2GiB, 512MB or bytes (default 2GiB); "
@@ -68,7 +71,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         num_kv_blocks = -(-args.kv_cache_tokens // args.block_size)
     return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_kv_blocks=num_kv_blocks,
+                long_prefill_token_threshold=args.long_prefill_token_threshold, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_kv_blocks=num_kv_blocks,
                 enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                 quantization=args.quantization)
 

@@ -9,6 +9,12 @@ from dataclasses import dataclass
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+# On a CPU a step costs about as much per prompt token as per decoding sequence, so a
+# 2,048-token prefill would hold every stream for seconds; in chunks of 256 the
+# streams go on between chunks (see docs/benchmarks.md, cpu_performance).
+CPU_LONG_PREFILL_TOKENS = 256
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What the engine is asked for. Values derived from the model (such as the
@@ -19,6 +25,7 @@ class EngineConfig:
     max_model_len: int | None = None      # None: the model's context, capped by what the KV cache holds
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int | None = None  # tokens of one prompt per step; None: 256 on CPU, 0 (off) else
     block_size: int = 16
     kv_cache_memory: int | None = None    # bytes for the KV cache; None: 2 GiB
     num_kv_blocks: int | None = None      # exact block count; overrides kv_cache_memory
@@ -36,10 +43,19 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.quantization not in (None, "int8", "int4"):
             raise ValueError(f"quantization must be int8, int4 or None, got {self.quantization!r}")
+        threshold = self.long_prefill_token_threshold
+        if threshold is not None and (not isinstance(threshold, int) or threshold < 0):
+            raise ValueError(f"long_prefill_token_threshold must be a non-negative integer, got {threshold!r}")
         for name in ("max_model_len", "kv_cache_memory", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def resolved_long_prefill_token_threshold(self) -> int:
+        if self.long_prefill_token_threshold is not None:
+            return self.long_prefill_token_threshold
+        return CPU_LONG_PREFILL_TOKENS if self.device.split(":", 1)[0] == "cpu" else 0
 
     @property
     def resolved_kv_cache_memory(self) -> int:

@@ -19,7 +19,7 @@ class LLM:
 
     `LLM()` serves the default Gemma 3 270M. Keyword arguments are the fields of
     `EngineConfig` (model, dtype, max_model_len, max_num_seqs,
-    max_num_batched_tokens, block_size, kv_cache_memory, num_kv_blocks,
+    max_num_batched_tokens, long_prefill_token_threshold, block_size, kv_cache_memory, num_kv_blocks,
     enable_prefix_caching, seed, device, cache_dir).
     """
 

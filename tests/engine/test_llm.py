@@ -126,3 +126,15 @@ def test_sampling_controls(default_model):
 def test_invalid_sampling_params_raise_value_error(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+def test_long_prefill_threshold_defaults_by_device_and_rejects_bad_values():
+    from tokenmill.config import CPU_LONG_PREFILL_TOKENS, EngineConfig
+
+    assert EngineConfig().resolved_long_prefill_token_threshold == CPU_LONG_PREFILL_TOKENS
+    assert EngineConfig(device="cuda:0").resolved_long_prefill_token_threshold == 0
+    assert EngineConfig(long_prefill_token_threshold=0).resolved_long_prefill_token_threshold == 0
+    assert EngineConfig(device="cuda", long_prefill_token_threshold=64).resolved_long_prefill_token_threshold == 64
+    for bad in (-1, 2.5, "256"):
+        with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+            EngineConfig(long_prefill_token_threshold=bad)

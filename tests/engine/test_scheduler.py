@@ -41,10 +41,11 @@ class FakeRunner:
         return RunnerOutput(sampled_token_ids=sampled)
 
 
-def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_model_len=256, caching=True):
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_model_len=256, caching=True,
+                   long_prefill=0):
     kv = KVCacheManager(num_blocks, block_size, caching)
     return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                                     max_model_len=max_model_len), kv)
+                                     max_model_len=max_model_len, long_prefill_token_threshold=long_prefill), kv)
 
 
 def run_to_completion(scheduler, runner, max_steps=10_000):
@@ -110,6 +111,48 @@ def test_long_prompt_is_chunked_and_decodes_keep_running():
         scheduler.update_from_output(step, runner.execute(step))
         scheduler.check_integrity()
     assert chunks == [15] * 6 + [10]
+
+
+def test_long_prefill_threshold_caps_each_prompt_per_step():
+    scheduler = make_scheduler(budget=32, long_prefill=8)
+    runner = FakeRunner()
+    scheduler.add_request(Request("a", list(range(2, 22)), SamplingParams(max_tokens=3, ignore_eos=True)))
+    scheduler.add_request(Request("b", list(range(30, 43)), SamplingParams(max_tokens=3, ignore_eos=True)))
+    chunks: dict[str, list[int]] = {"a": [], "b": []}
+    finished, steps = {}, 0
+    while scheduler.num_unfinished:
+        step = scheduler.schedule()
+        steps += 1
+        for item in step.scheduled:
+            assert len(item.token_ids) <= 8
+            chunks[item.request_id].append(len(item.token_ids))
+        for request, _ in scheduler.update_from_output(step, runner.execute(step)):
+            if request.is_finished:
+                finished[request.request_id] = request
+        scheduler.check_integrity()
+    # Both prompts are read side by side, 8 tokens at a time, then decode one token a step.
+    assert chunks == {"a": [8, 8, 4, 1, 1], "b": [8, 5, 1, 1]}
+    assert finished["a"].output_token_ids == expected_output(list(range(2, 22)), 3)
+    assert finished["b"].output_token_ids == expected_output(list(range(30, 43)), 3)
+
+
+def test_outputs_do_not_depend_on_the_long_prefill_threshold():
+    rng = random.Random(1)
+    prompts = [[rng.randrange(2, 1000) for _ in range(rng.randrange(3, 70))] for _ in range(12)]
+    for threshold in (0, 5, 16):
+        scheduler = make_scheduler(num_blocks=48, budget=40, long_prefill=threshold)
+        for i, prompt in enumerate(prompts):
+            scheduler.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=10, ignore_eos=True)))
+        finished, steps = run_to_completion(scheduler, FakeRunner())
+        if threshold:
+            assert all(len(item.token_ids) <= threshold for s in steps for item in s.scheduled)
+        for i, prompt in enumerate(prompts):
+            assert finished[f"r{i}"].output_token_ids == expected_output(prompt, 10)
+
+
+def test_negative_long_prefill_threshold_is_rejected():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        SchedulerConfig(long_prefill_token_threshold=-1)
 
 
 def test_running_count_never_exceeds_max_num_seqs():

@@ -106,7 +106,8 @@ class EngineCore:
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
                             max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_model_len=max_model_len),
+                            max_model_len=max_model_len,
+                            long_prefill_token_threshold=config.resolved_long_prefill_token_threshold),
             self.kv_manager)
         self.runner = ModelRunner(loaded.model, info, num_blocks, config.block_size, self.dtype, config.device)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}

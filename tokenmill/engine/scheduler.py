@@ -19,11 +19,22 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 8192
+    # Most tokens one request computes in a step (0: no cap but the step budget). A
+    # long prompt then takes several steps and the running streams keep decoding in
+    # each of them instead of stalling behind one huge prefill.
+    long_prefill_token_threshold: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
+
+    def chunk(self, num_tokens: int, budget: int) -> int:
+        """Tokens of a request with `num_tokens` left to compute that run this step."""
+        limit = self.long_prefill_token_threshold
+        return min(num_tokens, budget, limit) if limit else min(num_tokens, budget)
 
 
 class Scheduler:
@@ -105,7 +116,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self.config.chunk(request.num_tokens - request.num_computed_tokens, budget)
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -139,7 +150,7 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             cached_blocks, num_cached = self.kv.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_cached, budget)
+            num_new = self.config.chunk(request.num_tokens - num_cached, budget)
             if self.kv.allocate_slots(request, num_new, cached_blocks) is None:
                 break
             self.waiting.popleft()
