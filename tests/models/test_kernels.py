@@ -122,3 +122,61 @@ def test_decode_attention_reads_the_paged_cache_in_place(plain_path, dtype, wind
         fused_error = (fused.float() - reference).abs().max()
         plain_error = (plain.float() - reference).abs().max()
         assert fused_error <= plain_error * 1.01 + 1e-6, (fused_error, plain_error)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_linear_matches_the_dequantized_matmul(dtype, rows, with_bias):
+    from tokenmill.models.quantize import Int8WeightOnlyLinear
+
+    torch.manual_seed(rows)
+    out_features, in_features = 203, 640  # a tail after the blocks of 8 output rows
+    linear = Int8WeightOnlyLinear(torch.randn(out_features, in_features),
+                                  torch.randn(out_features) if with_bias else None)
+    if with_bias:
+        linear.bias.data = linear.bias.data.to(dtype)
+    x = torch.randn(rows, in_features).to(dtype)
+    x[0, :] = 0.0  # an all-zero row has no scale of its own
+    reference = x.double() @ linear.dequantized(torch.float64).T
+    if with_bias:
+        reference += linear.bias.double()
+    out = torch.ops.tokenmill.int8_linear(x, linear.weight_int8, linear.scales, linear.bias)
+    assert out.dtype == dtype and out.shape == (rows, out_features)
+    # Quantizing each activation row to int16 costs at most 1/65534 of its largest value
+    # per element: on the sum, about 1e-5 of the largest output here, on top of the
+    # bf16 rounding of the output in bf16.
+    rounding = 2**-8 if dtype == torch.bfloat16 else 0.0
+    error = (out.double() - reference).abs()
+    assert bool((error <= reference.abs() * rounding + 1e-4 * reference.abs().max()).all())
+    assert bool((out[0] == (linear.bias if with_bias else 0)).all())  # the zero row: the bias alone
+    if rows <= linear.fused_rows:
+        assert torch.equal(linear(x), out)
+
+
+def test_int8_linear_rejects_bad_inputs():
+    weight = torch.zeros(8, 640, dtype=torch.int8)
+    scales = torch.ones(8)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.tokenmill.int8_linear(torch.zeros(1, 48), torch.zeros(8, 48, dtype=torch.int8), scales, None)
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.tokenmill.int8_linear(torch.zeros(1, 640), weight.float(), scales, None)
+    with pytest.raises(RuntimeError, match="scale"):
+        torch.ops.tokenmill.int8_linear(torch.zeros(1, 640), weight, torch.ones(7), None)
+
+
+def test_int8_layer_uses_the_kernel_only_for_few_rows(plain_path):
+    from tokenmill.models.quantize import Int8WeightOnlyLinear
+
+    torch.manual_seed(0)
+    linear = Int8WeightOnlyLinear(torch.randn(64, 640))
+    x = torch.randn(4, 640).bfloat16()
+    fused = linear(x)
+    with plain_path:
+        plain = linear(x)  # PyTorch's int8 kernel
+    error = (fused.float() - plain.float()).abs()
+    assert bool((error <= plain.float().abs() * 2**-7 + 1e-4 * plain.float().abs().max()).all())
+    many = torch.randn(linear.fused_rows + 1, 640).bfloat16()
+    with plain_path:
+        expected = linear(many)
+    assert torch.equal(linear(many), expected)  # above fused_rows: the same path either way

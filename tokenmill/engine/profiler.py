@@ -28,7 +28,7 @@ from tokenmill.models import gemma3, llama
 MATMUL_OPS = frozenset({
     "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
     "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-    "aten::_weight_int4pack_mm",
+    "aten::_weight_int4pack_mm", "tokenmill::int8_linear",
 })
 # Phase marks: (label, object, attribute). Model modules call `paged_attention`
 # through their own module globals, so each model module is patched.

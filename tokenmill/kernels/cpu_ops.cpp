@@ -445,6 +445,127 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   return out;
 }
 
+// ---- weight-only int8 matmul for a few rows --------------------------------------------
+// out[m, n] = T(sx[m] * scale[n] * sum_k xq[m, k] * w[n, k] + bias[n]): each activation
+// row is first quantized to int16 with its own scale (sx = absmax / 32767; its rounding
+// error is far below that of the bf16 activation itself), then multiplied with the
+// int8 weights in 16-bit integer pairs accumulated in int32 (exact: a lane sums at most
+// K / 16 products of |xq| <= 32767 and |w| <= 127, so K <= 8192 cannot overflow).
+// Converting int8 weights to float for float FMAs costs more than reading them; the
+// pairwise integer multiply (`vpdpwssd` with AVX-512 VNNI) keeps a decode step of a few
+// sequences bound by memory. Eight weight rows at a time, so eight load streams overlap;
+// each row is read from memory once (from L1 for the later pairs of activation rows).
+constexpr int64_t kInt8Rows = 8;
+constexpr int64_t kInt8MaxK = 8192;
+
+inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+// `ahead`: a later block of R rows (R * K contiguous bytes) to prefetch while this one
+// is multiplied, R * 32 bytes of it per step (all of it by the end), or null. The
+// hardware prefetcher alone does not ramp up on runs of only K bytes per row.
+template <int MM, int R>
+inline void int8_rows(const int16_t* xq, int64_t K, const int8_t* w, const int8_t* ahead, float* sums /* [MM][R] */) {
+  __m512i acc[MM][R];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 32) {
+    if (ahead != nullptr) {
+      for (int64_t line = 0; line < R * 32; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + R * k + line), _MM_HINT_T0);
+    }
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r)
+      wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k)));
+    for (int m = 0; m < MM; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xq + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = dot_pairs(acc[m][r], xv, wv[r]);
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[m][r]));
+}
+
+template <typename T, int R>
+void int8_block(const int16_t* xq, const float* xs, int64_t M, int64_t K, int64_t N, const int8_t* w, int64_t n0,
+                const float* scales, const T* bias, T* out) {
+  float sums[2 * R];
+  const int8_t* ahead = n0 + 3 * R <= N ? w + (n0 + 2 * R) * K : nullptr;  // two blocks on
+  for (int64_t m = 0; m < M; m += 2) {
+    const int pair = M - m >= 2 ? 2 : 1;
+    if (pair == 2) {
+      int8_rows<2, R>(xq + m * K, K, w + n0 * K, m == 0 ? ahead : nullptr, sums);
+    } else {
+      int8_rows<1, R>(xq + m * K, K, w + n0 * K, m == 0 ? ahead : nullptr, sums);
+    }
+    for (int i = 0; i < pair; ++i) {
+      for (int r = 0; r < R; ++r) {
+        float v = sums[i * R + r] * xs[m + i] * scales[n0 + r];
+        if (bias != nullptr) v += static_cast<float>(bias[n0 + r]);
+        out[(m + i) * N + n0 + r] = static_cast<T>(v);
+      }
+    }
+  }
+}
+
+template <typename T>
+void int8_linear_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                      const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> xs(M);
+  const T* xp = x.data_ptr<T>();
+  for (int64_t m = 0; m < M; ++m) {
+    float absmax = 0.f;
+    for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::abs(static_cast<float>(xp[m * K + k])));
+    const float inv = absmax > 0.f ? 32767.f / absmax : 0.f;
+    xs[m] = absmax / 32767.f;
+    for (int64_t k = 0; k < K; ++k)
+      xq[m * K + k] = static_cast<int16_t>(std::nearbyint(static_cast<float>(xp[m * K + k]) * inv));
+  }
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* sc = scales.data_ptr<float>();
+  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  T* o = out.data_ptr<T>();
+  const int64_t blocks = N / kInt8Rows;
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk)
+      int8_block<T, kInt8Rows>(xq.data(), xs.data(), M, K, N, w, blk * kInt8Rows, sc, b, o);
+  });
+  for (int64_t n = blocks * kInt8Rows; n < N; ++n) int8_block<T, 1>(xq.data(), xs.data(), M, K, N, w, n, sc, b, o);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias) {
+  check_cpu(x, "x");
+  check_cpu(weight, "weight");
+  check_cpu(scales, "scales");
+  TORCH_CHECK(supported_dtype(x.scalar_type()), "int8_linear: float32 or bfloat16 activations only");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "int8_linear: shapes do not match");
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "int8_linear: the weight must be int8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == weight.size(0),
+              "int8_linear: one float32 scale per output row");
+  TORCH_CHECK(x.size(1) % 32 == 0 && x.size(1) <= kInt8MaxK,
+              "int8_linear: the input width must be a multiple of 32, at most ", kInt8MaxK);
+  if (bias.has_value()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == weight.size(0),
+                "int8_linear: the bias must match the output rows and the activation dtype");
+  }
+  auto out = at::empty({x.size(0), weight.size(0)}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    int8_linear_impl<float>(x, weight, scales, bias, out);
+  } else {
+    int8_linear_impl<BF16>(x, weight, scales, bias, out);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenmill, m) {
@@ -455,4 +576,5 @@ TORCH_LIBRARY(tokenmill, m) {
   m.def("gated_activation(Tensor gate_up, str activation) -> Tensor", &gated_activation);
   m.def("paged_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int window) -> Tensor", &paged_decode_attention);
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias) -> Tensor", &int8_linear);
 }
