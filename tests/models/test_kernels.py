@@ -89,9 +89,10 @@ def test_gated_activation(plain_path, dtype, activation):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("block_size", [4, 32])  # inside one 16-key tile, and tiles inside a block
-def test_decode_attention_reads_the_paged_cache_in_place(plain_path, dtype, window, block_size):
+@pytest.mark.parametrize("heads", [8, 14, 2])  # query heads per KV head: 4, 7 (4 + 3), 1
+def test_decode_attention_reads_the_paged_cache_in_place(plain_path, dtype, window, block_size, heads):
     torch.manual_seed(3)
-    kv_heads, heads, head_dim = 2, 8, 64
+    kv_heads, head_dim = 2, 64
     shape = (40, block_size, kv_heads, head_dim)
     # NaN in every unused slot: attention must never read another sequence's or an empty slot.
     caches = [(torch.full(shape, float("nan"), dtype=dtype), torch.full(shape, float("nan"), dtype=dtype))

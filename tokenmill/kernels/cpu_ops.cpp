@@ -320,6 +320,65 @@ at::Tensor gated_activation(const at::Tensor& gate_up, const std::string& activa
 // Head h of sequence s attends to keys lo..ctx-1 of KV head h / (H / KV), with
 // lo = ctx - window when window > 0. Softmax in float32, online block by block.
 constexpr int64_t kMaxGroup = 8;  // query heads whose dot products are accumulated together
+constexpr int64_t kTile = 16;     // keys per tile (and per online-softmax update)
+
+// Scores of G query heads (g0..g0+G-1) for a full tile of 16 keys, four keys at a time:
+// 4 x G independent accumulators, so no FMA waits for the previous one.
+template <typename T, int G>
+inline void qk_full_tile(const float* query, int64_t chunks, int64_t dim, const T* k_first, int64_t stride,
+                         int64_t g0, float* scores) {
+  for (int i0 = 0; i0 < kTile; i0 += 4) {
+    __m512 acc[4][G];
+    for (int j = 0; j < 4; ++j)
+      for (int g = 0; g < G; ++g) acc[j][g] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask16 m = tail_mask(dim - c * 16);
+      __m512 qv[G];
+      for (int g = 0; g < G; ++g) qv[g] = _mm512_loadu_ps(query + ((g0 + g) * chunks + c) * 16);
+      for (int j = 0; j < 4; ++j) {
+        const __m512 kv = load(k_first + (i0 + j) * stride + c * 16, m);
+        for (int g = 0; g < G; ++g) acc[j][g] = _mm512_fmadd_ps(qv[g], kv, acc[j][g]);
+      }
+    }
+    for (int j = 0; j < 4; ++j)
+      for (int g = 0; g < G; ++g) scores[(g0 + g) * 16 + i0 + j] = _mm512_reduce_add_ps(acc[j][g]);
+  }
+}
+
+// acc[g] += sum_i weights[g][i] * v[i] over a full tile: the tile's 16 value chunks sit in
+// registers while every head of the group accumulates them, two chains per head.
+template <typename T>
+inline void pv_full_tile(const float* weights, int64_t group, int64_t chunks, int64_t dim, const T* v_first,
+                         int64_t stride, float* acc) {
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __mmask16 m = tail_mask(dim - c * 16);
+    __m512 vv[kTile];
+    for (int i = 0; i < kTile; ++i) vv[i] = load(v_first + i * stride + c * 16, m);
+    for (int64_t g = 0; g < group; ++g) {
+      float* slot = acc + (g * chunks + c) * 16;
+      const float* w = weights + g * 16;
+      __m512 a0 = _mm512_loadu_ps(slot), a1 = _mm512_setzero_ps();
+      for (int i = 0; i < kTile; i += 2) {
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[i]), vv[i], a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[i + 1]), vv[i + 1], a1);
+      }
+      _mm512_storeu_ps(slot, _mm512_add_ps(a0, a1));
+    }
+  }
+}
+
+template <typename T>
+inline void qk_full_tile_heads(const float* query, int64_t group, int64_t chunks, int64_t dim, const T* k_first,
+                               int64_t stride, float* scores) {
+  for (int64_t g0 = 0; g0 < group; g0 += 4) {
+    switch (std::min<int64_t>(4, group - g0)) {
+      case 4: qk_full_tile<T, 4>(query, chunks, dim, k_first, stride, g0, scores); break;
+      case 3: qk_full_tile<T, 3>(query, chunks, dim, k_first, stride, g0, scores); break;
+      case 2: qk_full_tile<T, 2>(query, chunks, dim, k_first, stride, g0, scores); break;
+      default: qk_full_tile<T, 1>(query, chunks, dim, k_first, stride, g0, scores); break;
+    }
+  }
+}
 
 template <typename T>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
@@ -362,6 +421,9 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& key_cache, con
         const T* k_first = kp + (block * block_size * kv_heads + kvh) * dim + (first - b * block_size) * stride;
         const T* v_first = vp + (block * block_size * kv_heads + kvh) * dim + (first - b * block_size) * stride;
         // Scores of every head of the group for the block's keys: each key row is read once.
+        if (count == kTile) {
+          qk_full_tile_heads<T>(query.data(), group, chunks, dim, k_first, stride, scores.data());
+        } else {
         for (int64_t i = 0; i < count; ++i) {
           const T* key = k_first + i * stride;
           for (int64_t g0 = 0; g0 < group; g0 += kMaxGroup) {
@@ -375,6 +437,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& key_cache, con
             }
             for (int64_t g = g0; g < g1; ++g) scores[g * 16 + i] = _mm512_reduce_add_ps(dot[g - g0]);
           }
+        }
         }
         // Online softmax, one block at a time: rescale the sums when the maximum grows.
         const __mmask16 valid = tail_mask(count);
@@ -395,6 +458,10 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& key_cache, con
           _mm512_storeu_ps(scores.data() + g * 16, weights);
         }
         // Weighted values: each value row is read once for the whole group.
+        if (count == kTile) {
+          pv_full_tile<T>(scores.data(), group, chunks, dim, v_first, stride, acc.data());
+          continue;
+        }
         for (int64_t i = 0; i < count; ++i) {
           const T* value = v_first + i * stride;
           for (int64_t c = 0; c < chunks; ++c) {
