@@ -181,3 +181,20 @@ def test_int8_layer_uses_the_kernel_only_for_few_rows(plain_path):
     with plain_path:
         expected = linear(many)
     assert torch.equal(linear(many), expected)  # above fused_rows: the same path either way
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_writes_strided_rows_into_their_slots(dtype):
+    qkv = torch.randn(5, 3 * 2 * 8, dtype=dtype)  # k and v as strided views of a fused projection
+    k = qkv[:, 16:32].view(5, 2, 8)
+    v = qkv[:, 32:48].view(5, 2, 8)
+    caches = [torch.zeros(4, 4, 2, 8, dtype=dtype) for _ in range(2)]
+    slots = torch.tensor([0, 5, 6, 15, 9])
+    torch.ops.tokenmill.store_kv(k, v, caches[0], caches[1], slots)
+    expected = [torch.zeros(16, 2, 8, dtype=dtype) for _ in range(2)]
+    expected[0][slots] = k
+    expected[1][slots] = v
+    assert torch.equal(caches[0].view(16, 2, 8), expected[0])
+    assert torch.equal(caches[1].view(16, 2, 8), expected[1])
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.tokenmill.store_kv(k, v, caches[0], caches[1], torch.tensor([0, 1, 2, 3, 16]))

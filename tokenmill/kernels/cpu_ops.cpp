@@ -633,6 +633,43 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
+// ---- this step's keys and values into their cache slots ---------------------------------
+// k, v: [tokens, kv_heads, head_dim], rows may be strided (views into the fused q/k/v
+// projection), each head's head_dim contiguous; caches: [blocks, block_size, kv_heads,
+// head_dim] contiguous; slots: [tokens] int64 flat slot of each token. One call for
+// both caches, a memcpy per token and head, instead of two index_copy_ calls.
+void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& key_cache, at::Tensor& value_cache,
+              const at::Tensor& slots) {
+  check_cpu(key_cache, "key_cache");
+  check_cpu(value_cache, "value_cache");
+  check_cpu(slots, "slots");
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu(), "store_kv: CPU tensors only");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "store_kv: k and v must both be [tokens, kv_heads, head_dim]");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes() && key_cache.size(2) == k.size(1) &&
+                  key_cache.size(3) == k.size(2),
+              "store_kv: the caches must be [blocks, block_size, kv_heads, head_dim] matching k and v");
+  TORCH_CHECK(k.scalar_type() == key_cache.scalar_type() && v.scalar_type() == value_cache.scalar_type(),
+              "store_kv: k and v must have the caches' dtype");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "store_kv: head_dim must be contiguous");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == k.size(0), "store_kv: one int64 slot per token");
+  const int64_t tokens = k.size(0), kv_heads = k.size(1), dim = k.size(2);
+  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "store_kv: slot out of range");
+  const int64_t item = k.element_size();
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  char* kc = static_cast<char*>(key_cache.data_ptr());
+  char* vc = static_cast<char*>(value_cache.data_ptr());
+  const int64_t row = kv_heads * dim * item;
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      std::memcpy(kc + sp[t] * row + h * dim * item, kp + (t * k.stride(0) + h * k.stride(1)) * item, dim * item);
+      std::memcpy(vc + sp[t] * row + h * dim * item, vp + (t * v.stride(0) + h * v.stride(1)) * item, dim * item);
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenmill, m) {
@@ -643,5 +680,7 @@ TORCH_LIBRARY(tokenmill, m) {
   m.def("gated_activation(Tensor gate_up, str activation) -> Tensor", &gated_activation);
   m.def("paged_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int window) -> Tensor", &paged_decode_attention);
+  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slots) -> ()",
+        &store_kv);
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias) -> Tensor", &int8_linear);
 }

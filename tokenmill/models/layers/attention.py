@@ -244,10 +244,15 @@ def paged_attention(
 
     flat_k = key_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, kv_heads, head_dim]
     flat_v = value_cache.view(-1, num_kv_heads, head_dim)
-    flat_k.index_copy_(0, md.slot_mapping, k.to(key_cache.dtype))
-    flat_v.index_copy_(0, md.slot_mapping, v.to(value_cache.dtype))
+    kernels = cpu_kernels_for(q)
+    if (kernels and k.dtype == key_cache.dtype and v.dtype == value_cache.dtype and k.stride(-1) == 1
+            and v.stride(-1) == 1):
+        torch.ops.tokenmill.store_kv(k, v, key_cache, value_cache, md.slot_mapping)
+    else:
+        flat_k.index_copy_(0, md.slot_mapping, k.to(key_cache.dtype))
+        flat_v.index_copy_(0, md.slot_mapping, v.to(value_cache.dtype))
 
-    fused_decode = md.num_decodes > 0 and cpu_kernels_for(q) and key_cache.dtype == q.dtype
+    fused_decode = md.num_decodes > 0 and kernels and key_cache.dtype == q.dtype
     plan = md.window_plan(sliding_window, decodes=not fused_decode)
     out = None if md.all_decode else q.new_empty(num_tokens, num_heads, head_dim)
 
