@@ -109,6 +109,19 @@ def model_facts() -> dict:
             "weight_bytes_bf16": 2 * spec.parameters, "layers": spec.layers, "label": spec.label}
 
 
+def source_formats() -> str:
+    """How the bundled GGUF stores its decoder projections, e.g. 'Q5_0 90, Q4_K 27, ...' (by tensor count)."""
+    from collections import Counter
+
+    import gguf
+
+    from tokenmill.models.loader import default_model_path
+
+    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(str(default_model_path())).tensors
+                     if t.name.startswith("blk.") and t.name.endswith(".weight") and t.tensor_type.name != "F32")
+    return ", ".join(f"{name} {count}" for name, count in counts.most_common())
+
+
 def rooflines(tokens_per_s: float, batch: int, mean_context: float, peak: dict, model: dict) -> dict:
     """Achieved fraction of the compute and the memory roofline for decode at `batch` rows."""
     flops_per_token = model["matmul_flops_per_token"] + model["attention_flops_per_context_token"] * mean_context
@@ -429,6 +442,16 @@ def targets_table(results: Results, args) -> tuple[str, list[str]]:
             + ("The memory roofline is the lower: at this batch a step is bound by memory reads, not by matmul "
                "throughput." if roof["memory_bound_tps"] < roof["compute_bound_tps"] else
                "The compute roofline is the lower: at this batch a step is bound by matmul throughput."))
+        ceiling = min(roof["compute_bound_tps"], roof["memory_bound_tps"])
+        for engine, key, label in (("hf-cb", "vs_hf_cb", "continuous batching"),
+                                   ("hf-static", "vs_hf_static", "static batching")):
+            peer = best_peer(results, engine)
+            if peer is None:
+                continue
+            wanted = TARGETS[key] * peer.tokens_per_s
+            notes.append(f"{TARGETS[key]:g}× transformers {label} ({peer.dtype}, {peer.tokens_per_s:.1f} tok/s) would "
+                         f"be {wanted:,.0f} tok/s: {wanted / ceiling:.0%} of the lower roofline on this machine"
+                         + (", more than the hardware allows." if wanted > ceiling else "."))
     return table, notes
 
 
@@ -555,7 +578,10 @@ def render(results: Results, args, started: str) -> str:
                    f"`benchmarks/data/quality_text.txt` ({next(iter(results.quant.values()))['text_tokens']:,} "
                    "tokens) in windows of 1024 through the engine's own forward path. Agreement: greedy, 32 tokens of "
                    "20 prompts, the number of prompts whose 32 tokens all equal bf16's, and the mean length of the "
-                   "common start."), "", quant_table(results, args), ""]
+                   "common start. The bundled file already stores its decoder projections quantized (tensors by "
+                   f"format: {results.model.get('formats', 'unknown')}); int4 puts 5-, 6- and 8-bit weights on a "
+                   "4-bit grid, which is where its perplexity goes, while 255 levels per output channel keep them nearly intact."),
+                  "", quant_table(results, args), ""]
     if results.profiles:
         lines += ["### Where a decode step's time goes", "",
                   ("`tokenmill.engine.profiler.profile_steps` over 20 decode steps (also printed by `--profile`); "
@@ -631,6 +657,10 @@ def main(argv=None) -> int:
     workload = et.build_workload(tokenizer, args.concurrency, args.prompt_len, args.output_len)
     warm = et.warmup_prompts(tokenizer)
     results = Results(model=model_facts())
+    try:
+        results.model["formats"] = source_formats()
+    except Exception as error:  # noqa: BLE001 - a description only
+        results.model["formats"] = f"unreadable ({type(error).__name__})"
     workdir = Path(tempfile.mkdtemp(prefix="cpu_performance."))
 
     def attempt(name: str, fn):
