@@ -415,7 +415,8 @@ def targets_table(results: Results, args) -> tuple[str, list[str]]:
                 continue
             ratio = entry["tokens_per_s"] / hf[1]["tokens_per_s"]
             rows.append([f"Single stream: {name} ÷ best {hf[0].rsplit(' ', 1)[0]}", "≥ 2.5×", f"{ratio:.2f}×",
-                         f"{entry['tokens_per_s']:.1f} vs {hf[1]['tokens_per_s']:.1f} tok/s ({hf[0].rsplit(' ', 1)[1]})",
+                         f"{entry['tokens_per_s']:.1f} vs {hf[1]['tokens_per_s']:.1f} tok/s "
+                         f"({hf[0].rsplit(' ', 1)[1]})",
                          verdict(ratio, TARGETS["single"])])
     if results.itl:
         itl = results.itl["summary"]["itl_ms"]
@@ -580,7 +581,8 @@ def render(results: Results, args, started: str) -> str:
                    "20 prompts, the number of prompts whose 32 tokens all equal bf16's, and the mean length of the "
                    "common start. The bundled file already stores its decoder projections quantized (tensors by "
                    f"format: {results.model.get('formats', 'unknown')}); int4 puts 5-, 6- and 8-bit weights on a "
-                   "4-bit grid, which is where its perplexity goes, while 255 levels per output channel keep them nearly intact."),
+                   "4-bit grid, which is where its perplexity goes, while 255 levels per output channel keep them "
+                   "nearly intact."),
                   "", quant_table(results, args), ""]
     if results.profiles:
         lines += ["### Where a decode step's time goes", "",
@@ -598,7 +600,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)} (default all)")
     p.add_argument("--profile", action="store_true", help="print the per-step time breakdown (adds the profile part)")
     p.add_argument("--dtype", default="auto", help="tokenmill serve --dtype (default auto)")
-    p.add_argument("--quant-dtype", default="bfloat16", help="compute dtype of the quantization runs (default bfloat16)")
+    p.add_argument("--quant-dtype", default="bfloat16",
+                   help="compute dtype of the quantization runs (default bfloat16)")
     p.add_argument("--methods", default="bf16,int8,int4,fp32",
                    help="weight rows of the quant part, bf16 first (the reference) (default bf16,int8,int4,fp32)")
     p.add_argument("--peer-dtypes", default="float32,bfloat16", help="dtypes the transformers peers run in")

@@ -71,7 +71,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         num_kv_blocks = -(-args.kv_cache_tokens // args.block_size)
     return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                long_prefill_token_threshold=args.long_prefill_token_threshold, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_kv_blocks=num_kv_blocks,
+                long_prefill_token_threshold=args.long_prefill_token_threshold, block_size=args.block_size,
+                kv_cache_memory=args.kv_cache_memory, num_kv_blocks=num_kv_blocks,
                 enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                 quantization=args.quantization)
 
