@@ -1,4 +1,6 @@
 """The gateway's proxying against scripted upstreams: what a client receives and what is recorded."""
+import asyncio
+import threading
 import time
 
 import httpx
@@ -238,3 +240,59 @@ def test_an_invalid_schema_is_refused_before_forwarding(fake, sqlite_url):
         assert response.status_code == 400
         assert "not a valid JSON schema" in response.json()["error"]["message"]
         assert upstream.server.num_requests == 0
+
+
+class _OneAnswerPerConnection:
+    """An upstream that answers the first request of each connection (keeping it open, as
+    keep-alive allows) and closes the connection, unanswered, when a second request comes on it:
+    what a replica does when its keep-alive timeout passes just as the gateway reuses the connection."""
+
+    EVENTS = b"".join(b'data: {"choices": [{"index": 0, "delta": {"content": " %s"}}]}\n\n' % word.encode()
+                      for word in WORDS[:3]) + b"data: [DONE]\n\n"
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.answered = 0
+        self._loop = asyncio.new_event_loop()
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        for number in range(2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+            if number == 1:
+                writer.close()
+                return
+            self.answered += 1
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
+                         % len(self.EVENTS) + self.EVENTS)
+            await writer.drain()
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+def test_an_idle_connection_the_upstream_closed_on_reuse_is_replaced_without_a_failure(sqlite_url):
+    upstream = _OneAnswerPerConnection()
+    _, secret = create_key(sqlite_url)
+    config = one_pool(sqlite_url, [upstream.base_url], health={"path": None, "metrics_path": None},
+                      max_attempts=1)
+    try:
+        with GatewayThread(config) as gateway, gateway.client(secret) as client:
+            for _ in range(4):
+                response = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+                assert response.status_code == 200, response.text
+                assert stream_text(sse_data(response.text)) == expected_words(3)
+            upstream_state = gateway.gateway.pools["small"].upstreams[0]
+            assert upstream_state.healthy and upstream_state.consecutive_failures == 0
+            assert gateway.gateway.pools["small"].num_retries == 0
+    finally:
+        upstream.close()
+    assert upstream.answered == 4 and upstream.connections >= 4

@@ -29,20 +29,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import httpx
 import jsonschema
 import orjson
 from starlette.responses import Response
 
 from tokenmill.bench.sse import SSEParser
+from tokenmill.gateway.upstream_http import UpstreamConnections, UpstreamHTTPError, UpstreamResponse, UpstreamTimeout
 from tokenmill.gateway.upstreams import Upstream, UpstreamPool
 from tokenmill.server.errors import APIError, error_body
 
 logger = logging.getLogger("tokenmill.gateway")
 
-# Requests per httpx client: httpcore scans every connection of its pool (a poll() system call
-# for each idle one) at each request start and end, so many small pools beat one big one.
-CLIENT_SHARD_SIZE = 2
 _RETRYABLE_STATUSES = frozenset({401, 403, 408, 409, 425, 429})
 _DONE = b"data: [DONE]\n\n"
 
@@ -263,43 +260,6 @@ class _UpstreamFailure(Exception):
         self.timeout = timeout
 
 
-@functools.lru_cache(maxsize=1)
-def _ssl_context():
-    """One TLS context for every client: building one loads the CA bundle (tens of ms)."""
-    return httpx.create_ssl_context()
-
-
-class ClientShards:
-    """httpx clients of one upstream, each with at most about CLIENT_SHARD_SIZE requests."""
-
-    def __init__(self, connect_s: float) -> None:
-        self._connect_s = connect_s
-        self._clients: list[httpx.AsyncClient] = []
-        self._in_flight: list[int] = []
-
-    def acquire(self) -> int:
-        best = min(range(len(self._clients)), key=self._in_flight.__getitem__, default=None)
-        if best is None or self._in_flight[best] >= CLIENT_SHARD_SIZE:
-            self._clients.append(httpx.AsyncClient(
-                timeout=httpx.Timeout(self._connect_s), verify=_ssl_context(),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=CLIENT_SHARD_SIZE,
-                                    keepalive_expiry=30.0)))
-            self._in_flight.append(0)
-            best = len(self._clients) - 1
-        self._in_flight[best] += 1
-        return best
-
-    def client(self, shard: int) -> httpx.AsyncClient:
-        return self._clients[shard]
-
-    def release(self, shard: int) -> None:
-        self._in_flight[shard] -= 1
-
-    async def aclose(self) -> None:
-        for client in self._clients:
-            await client.aclose()
-
-
 # ---- the stream's events --------------------------------------------------------------------
 class _StreamReader:
     """Reads an upstream SSE body: what to forward, and what it says about the request."""
@@ -374,22 +334,22 @@ def _error_event(message: str, code: str, type_: str = "upstream_error") -> byte
 
 # ---- the proxy ------------------------------------------------------------------------------
 class Proxy:
-    """Forwards requests to pools. One per gateway; its httpx clients are pooled and
+    """Forwards requests to pools. One per gateway; its upstream connections are
     kept alive across requests (never one per request)."""
 
     def __init__(self) -> None:
-        self._shards: dict[tuple[str, int], ClientShards] = {}
+        self._connections: dict[tuple[str, int], UpstreamConnections] = {}
 
-    def _client_shards(self, upstream: Upstream, connect_s: float) -> ClientShards:
+    def _connections_of(self, upstream: Upstream) -> UpstreamConnections:
         key = (upstream.pool, upstream.index)
-        shards = self._shards.get(key)
-        if shards is None:
-            shards = self._shards[key] = ClientShards(connect_s)
-        return shards
+        connections = self._connections.get(key)
+        if connections is None:
+            connections = self._connections[key] = UpstreamConnections(upstream.base_url)
+        return connections
 
     async def aclose(self) -> None:
-        for shards in self._shards.values():
-            await shards.aclose()
+        for connections in self._connections.values():
+            await connections.aclose()
 
     async def forward(self, request: ProxyRequest, pool: UpstreamPool, max_tokens: int, digest: bytes | None,
                       request_id: str, headers: dict, watcher: DisconnectWatcher,
@@ -451,24 +411,28 @@ class Proxy:
             outcome.attempts += 1
             if outcome.attempts > 1:
                 pool.num_retries += 1
-            shards = self._client_shards(upstream, timeouts.connect_s)
-            shard = shards.acquire()
+            connections = self._connections_of(upstream)
             share = upstream.begin()
             try:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    outcome.busy_share_s += upstream.end(share)
                     failure = _UpstreamFailure("the total timeout passed", "timeout", timeout=True)
                     break
+                response = None
                 try:
                     async with asyncio.timeout(remaining):
-                        response = await shards.client(shard).post(
-                            upstream.url(request.path), content=body, headers=upstream.headers,
-                            timeout=httpx.Timeout(remaining, connect=timeouts.connect_s))
-                except (TimeoutError, httpx.TimeoutException) as error:
+                        response = await connections.post(request.path, body, upstream.headers,
+                                                          timeouts.connect_s, remaining)
+                        await response.aread()
+                except (TimeoutError, UpstreamTimeout) as error:
                     raise _UpstreamFailure(f"no answer in time ({type(error).__name__})", "timeout",
                                            timeout=True) from None
-                except httpx.HTTPError as error:
+                except UpstreamHTTPError as error:
                     raise _UpstreamFailure(f"{type(error).__name__}: {error}", "connection_error") from None
+                finally:
+                    if response is not None:
+                        response.close()
                 if self._retryable_status(response.status_code):
                     raise self._failure_for(response.status_code, response.content)
             except _UpstreamFailure as error:
@@ -476,8 +440,9 @@ class Proxy:
                 outcome.busy_share_s += upstream.end(share)
                 pool.record_failure(upstream, error.reason)
                 continue
-            finally:
-                shards.release(shard)
+            except BaseException:  # cancelled (client gone)
+                upstream.end(share)
+                raise
             outcome.busy_share_s += upstream.end(share)
             upstream.record_success()
             outcome.upstream = upstream
@@ -527,8 +492,7 @@ class Proxy:
             outcome.attempts += 1
             if outcome.attempts > 1:
                 pool.num_retries += 1
-            shards = self._client_shards(upstream, timeouts.connect_s)
-            shard = shards.acquire()
+            connections = self._connections_of(upstream)
             share = upstream.begin()
             response = None
             reader = _StreamReader(request, outcome)
@@ -536,17 +500,14 @@ class Proxy:
                 first_deadline = min(time.monotonic() + timeouts.first_token_s, deadline)
                 try:
                     async with asyncio.timeout(first_deadline - time.monotonic()):
-                        client = shards.client(shard)
-                        response = await client.send(client.build_request(
-                            "POST", upstream.url(request.path), content=body, headers=upstream.headers,
-                            timeout=httpx.Timeout(timeouts.first_token_s, connect=timeouts.connect_s)), stream=True)
+                        response = await connections.post(request.path, body, upstream.headers, timeouts.connect_s,
+                                                          timeouts.first_token_s)
                         if response.status_code != 200:
                             payload = await response.aread()
                             if self._retryable_status(response.status_code):
                                 raise self._failure_for(response.status_code, payload)
-                            await response.aclose()
+                            response.close()
                             outcome.busy_share_s += upstream.end(share)
-                            shards.release(shard)
                             upstream.record_success()
                             outcome.upstream = upstream
                             outcome.status_code = response.status_code
@@ -555,7 +516,7 @@ class Proxy:
                             on_done(outcome)
                             return Response(payload, status_code=response.status_code, headers=headers,
                                             media_type=response.headers.get("content-type", "application/json"))
-                        chunks = response.aiter_raw()
+                        chunks = response.stream()
                         pending = []
                         while not (reader.first_content or reader.done):
                             try:
@@ -569,16 +530,15 @@ class Proxy:
                                                        f"{outcome.error}", "upstream_error")
                 except _UpstreamFailure:
                     raise
-                except (TimeoutError, httpx.TimeoutException) as error:
+                except (TimeoutError, UpstreamTimeout) as error:
                     raise _UpstreamFailure(f"no first token within {timeouts.first_token_s:g} s "
                                            f"({type(error).__name__})", "first_token_timeout",
                                            timeout=True) from None
-                except httpx.HTTPError as error:
+                except UpstreamHTTPError as error:
                     raise _UpstreamFailure(f"{type(error).__name__}: {error}", "connection_error") from None
             except _UpstreamFailure as error:
                 failure = error
                 outcome.busy_share_s += upstream.end(share)
-                shards.release(shard)
                 pool.record_failure(upstream, error.reason)
                 outcome.content_chunks = 0
                 outcome.texts.clear()
@@ -586,20 +546,19 @@ class Proxy:
                 outcome.error = None
                 outcome.error_code = None
                 if response is not None:
-                    await response.aclose()
+                    response.close()
                 continue
             except BaseException:  # cancelled (client gone) before the first byte
                 outcome.busy_share_s += upstream.end(share)
-                shards.release(shard)
                 if response is not None:
-                    await asyncio.shield(response.aclose())
+                    response.close()
                 raise
             upstream.record_success()
             outcome.upstream = upstream
             outcome.status_code = 200
             outcome.ttft_s = time.monotonic() - arrival
-            stream = _OpenStream(upstream, response, chunks, reader, b"".join(pending), deadline,
-                                 shards, shard, share, on_done, outcome)
+            stream = _OpenStream(upstream, response, chunks, reader, b"".join(pending), deadline, share,
+                                 on_done, outcome)
             return RelayResponse(stream, headers, watcher)
         on_done_error = self._exhausted(pool, outcome, failure)
         on_done(outcome)
@@ -613,16 +572,14 @@ class _OpenStream:
     waits for an event that has not arrived. The total timeout is one timer that
     cancels the reader. `finish()` does the bookkeeping, once."""
 
-    def __init__(self, upstream: Upstream, response: httpx.Response, chunks, reader: _StreamReader,
-                 first: bytes, deadline: float, shards: ClientShards, shard: int, share_token: float,
-                 on_done: Callable[[Outcome], None], outcome: Outcome) -> None:
+    def __init__(self, upstream: Upstream, response: UpstreamResponse, chunks, reader: _StreamReader,
+                 first: bytes, deadline: float, share_token: float, on_done: Callable[[Outcome], None],
+                 outcome: Outcome) -> None:
         self.upstream = upstream
         self.response = response
         self.chunks = chunks
         self.reader = reader
         self.deadline = deadline
-        self._shards = shards
-        self._shard = shard
         self._share_token = share_token
         self._on_done = on_done
         self.outcome = outcome
@@ -635,6 +592,10 @@ class _OpenStream:
         self._timed_out = False
 
     def start(self) -> None:
+        if self.reader.done and self.response.is_complete:  # the whole answer came before the commit
+            self._put(_DONE)
+            self._ended = True
+            return
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._read())
         self._timer = loop.call_at(loop.time() + max(0.0, self.deadline - time.monotonic()), self._time_out)
@@ -663,6 +624,11 @@ class _OpenStream:
         self._queued.clear()
         return data
 
+    @property
+    def drained(self) -> bool:
+        """Nothing more will come: the last `take()` returned the end of the stream."""
+        return self._ended and not self._queued
+
     async def _read(self) -> None:
         reader = self.reader
         chunks = self.chunks
@@ -676,9 +642,9 @@ class _OpenStream:
             self._put(_DONE)
         except StopAsyncIteration:
             self._cut("the upstream ended the stream before it was complete", "stream_truncated")
-        except httpx.TimeoutException:
+        except UpstreamTimeout:
             self._cut("the upstream sent nothing for too long", "timeout", "timeout_error")
-        except httpx.HTTPError as error:
+        except UpstreamHTTPError as error:
             if not reader.done:
                 self._cut(f"the upstream connection broke mid-stream ({type(error).__name__})",
                           "stream_interrupted")
@@ -720,7 +686,6 @@ class _OpenStream:
         if self._finished:
             return
         self._finished = True
-        self._shards.release(self._shard)
         self.outcome.busy_share_s += self.upstream.end(self._share_token)
         self._on_done(self.outcome)
 
@@ -748,12 +713,12 @@ class RelayResponse(Response):
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             while True:
                 data = await stream.take()
-                if data is None:
+                if data is None or stream.drained:  # the end goes out with the last events, in one write
                     break
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
             watcher.stop()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": data or b"", "more_body": False})
         except asyncio.CancelledError:
             if not watcher.gone:
                 if stream.outcome.error is None:
@@ -772,4 +737,4 @@ class RelayResponse(Response):
             watcher.stop()
             await stream.stop()
             stream.finish()
-            await stream.response.aclose()
+            stream.response.close()

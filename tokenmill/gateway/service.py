@@ -36,6 +36,7 @@ from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.proxy import (DisconnectWatcher, Outcome, Proxy, ProxyRequest, RelayResponse, check_format,
                                     parse_request)
 from tokenmill.gateway.routing import RouteDecision, Router, estimate_tokens
+from tokenmill.gateway.upstream_http import tls_context
 from tokenmill.gateway.upstreams import UpstreamPool, affinity_digest
 from tokenmill.server.errors import APIError, error_response
 
@@ -102,7 +103,9 @@ class Gateway:
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        self._health_client = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
+        # Straight to the upstreams and with the same TLS trust as the proxy's own connections.
+        self._health_client = httpx.AsyncClient(limits=httpx.Limits(max_connections=64), trust_env=False,
+                                                verify=tls_context())
         for pool in self.pools.values():
             pool.bind(self._health_client)
         try:  # one round of checks first, so that upstreams already down are known before traffic
@@ -293,15 +296,16 @@ class Gateway:
         pool_name = pool.name if pool is not None else ""
         upstream = outcome.upstream.label if outcome.upstream is not None else ""
         metrics = self.metrics
-        metrics.requests.labels(route, pool_name, upstream, str(status)).inc()
-        metrics.latency.labels(route, pool_name).observe(latency)
+        metrics.count_request(route, pool_name, upstream, status)
+        children = metrics.route_children(route, pool_name)
+        children.latency.observe(latency)
         if outcome.ttft_s is not None:
-            metrics.ttft.labels(route, pool_name).observe(outcome.ttft_s)
+            children.ttft.observe(outcome.ttft_s)
         if answered:
-            metrics.tokens.labels(route, pool_name, "prompt").inc(prompt_tokens)
-            metrics.tokens.labels(route, pool_name, "completion").inc(completion_tokens)
+            children.prompt_tokens.inc(prompt_tokens)
+            children.completion_tokens.inc(completion_tokens)
             if cost:
-                metrics.cost.labels(route, pool_name).inc(cost)
+                children.cost.inc(cost)
             if status == 200 and outcome.error_code is not None:
                 metrics.stream_errors.labels(pool_name, outcome.error_code).inc()
         if flight.reservation is not None:
