@@ -69,6 +69,19 @@ class _LiveCollector:
                     compliance)
 
 
+class _RouteChildren:
+    """The labelled children one (route, pool) observes when a request ends, looked up once."""
+
+    __slots__ = ("latency", "ttft", "prompt_tokens", "completion_tokens", "cost")
+
+    def __init__(self, metrics: GatewayMetrics, route: str, pool: str) -> None:
+        self.latency = metrics.latency.labels(route, pool)
+        self.ttft = metrics.ttft.labels(route, pool)
+        self.prompt_tokens = metrics.tokens.labels(route, pool, "prompt")
+        self.completion_tokens = metrics.tokens.labels(route, pool, "completion")
+        self.cost = metrics.cost.labels(route, pool)
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -106,6 +119,22 @@ class GatewayMetrics:
         self.feedback = Counter("tokenmill_gateway_feedback", "Feedback received, by score.", ["score"],
                                 registry=registry)
         self.format_tallies: dict[str, tuple[int, int]] = {}
+        # `labels()` validates and locks on every call; a request's end reuses the children instead.
+        self._route_children: dict[tuple[str, str], _RouteChildren] = {}
+        self._request_counters: dict[tuple[str, str, str, int], object] = {}
+
+    def route_children(self, route: str, pool: str) -> _RouteChildren:
+        children = self._route_children.get((route, pool))
+        if children is None:
+            children = self._route_children[(route, pool)] = _RouteChildren(self, route, pool)
+        return children
+
+    def count_request(self, route: str, pool: str, upstream: str, status: int) -> None:
+        key = (route, pool, upstream, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.requests.labels(route, pool, upstream, str(status))
+        counter.inc()
 
     def attach(self, state) -> None:
         """Export the live pool and queue gauges of `state` (has `.queues`, `.metrics`)."""
