@@ -61,6 +61,9 @@ class Comparison:
     gateway_p99: float
     failed: int
     gateway_cpu_share: float | None
+    other_cpu_share: float | None      # every other process (load tester, upstream, ...) meanwhile
+    gateway_cpu_us: float | None       # gateway CPU per request it served (warm-up included)
+    upstream_cpu_us: float | None      # the fake upstream's, during the same runs
 
     @property
     def added_p50(self) -> float:
@@ -115,11 +118,15 @@ def start_gateway(workdir: Path, upstream_url: str) -> tuple[subprocess.Popen, s
     return process, base + "/v1", secret
 
 
+def warmup_requests(concurrency: int, requests: int) -> int:
+    return min(requests, 2 * concurrency)
+
+
 def bench_command(base_url: str, model: str, concurrency: int, requests: int, output_tokens: int,
                   api_key: str | None) -> list[str]:
     command = ["tokenmill", "bench", "--base-url", base_url, "--model", model, "--concurrency", str(concurrency),
                "--num-requests", str(requests), "--input-len", "32", "--output-len", str(output_tokens),
-               "--warmup", str(min(requests, 2 * concurrency)), "--json", "--no-progress"]
+               "--warmup", str(warmup_requests(concurrency, requests)), "--json", "--no-progress"]
     if api_key:
         command += ["--api-key", api_key]
     return command
@@ -139,20 +146,25 @@ def e2e(summary: dict, stat: str) -> float:
 
 
 def compare(args, scenario: str, concurrency: int, direct_url: str, gateway_url: str, secret: str,
-            gateway_pid: int) -> Comparison:
+            gateway_pid: int, upstream_pid: int) -> Comparison:
     requests = args.requests_at_1 if concurrency == 1 else args.num_requests
     if scenario != "instant":
         requests = max(10, int(requests * PACED_REQUEST_SHARE[1 if concurrency == 1 else "many"]))
     runs = {"direct": [], "gateway": []}
     failed = 0
-    shares = []
+    shares, others, cpu_us, upstream_us = [], [], [], []
     for _ in range(args.repeats):
         runs["direct"].append(run_bench(bench_command(direct_url, "fake-model", concurrency, requests,
                                                       args.output_tokens, None)))
-        with CpuShares({"gateway": gateway_pid}) as cpu:
+        with CpuShares({"gateway": gateway_pid, "upstream": upstream_pid}) as cpu:
             summary = run_bench(bench_command(gateway_url, "fake", concurrency, requests, args.output_tokens,
                                               secret))
         shares.append(cpu.shares["gateway"])
+        others.append(None if cpu.shares["other"] is None or cpu.shares["upstream"] is None
+                      else cpu.shares["other"] + cpu.shares["upstream"])
+        served = requests + warmup_requests(concurrency, requests)
+        cpu_us.append(None if cpu.seconds["gateway"] is None else cpu.seconds["gateway"] * 1e6 / served)
+        upstream_us.append(None if cpu.seconds["upstream"] is None else cpu.seconds["upstream"] * 1e6 / served)
         runs["gateway"].append(summary)
     for summaries in runs.values():
         failed += sum(s["failed"] for s in summaries)
@@ -160,18 +172,47 @@ def compare(args, scenario: str, concurrency: int, direct_url: str, gateway_url:
     def median(target, stat):
         return statistics.median(e2e(s, stat) for s in runs[target])
 
-    known = [s for s in shares if s is not None]
+    def median_of(values):
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
     return Comparison(scenario=scenario, concurrency=concurrency, requests=requests, direct_p50=median("direct", "p50"),
                       direct_p99=median("direct", "p99"), gateway_p50=median("gateway", "p50"),
-                      gateway_p99=median("gateway", "p99"), failed=failed,
-                      gateway_cpu_share=statistics.median(known) if known else None)
+                      gateway_p99=median("gateway", "p99"), failed=failed, gateway_cpu_share=median_of(shares),
+                      other_cpu_share=median_of(others), gateway_cpu_us=median_of(cpu_us),
+                      upstream_cpu_us=median_of(upstream_us))
+
+
+def cpu_bound_note(c: Comparison) -> str | None:
+    """Why a closed loop that keeps every core busy cannot meet the targets, from its own numbers."""
+    cores = os.cpu_count() or 1
+    if c.concurrency == 1 or None in (c.gateway_cpu_share, c.other_cpu_share, c.gateway_cpu_us, c.upstream_cpu_us):
+        return None
+    busy = c.gateway_cpu_share + c.other_cpu_share
+    if busy < 0.9 or (c.added_p50 <= TARGET_P50_MS and c.added_p99 <= TARGET_P99_MS):
+        return None
+    # Closed loop, CPU-bound: every request waits behind the other streams' CPU work, so the gateway's
+    # CPU per request g adds about concurrency * g / cores to each one (Little's law).
+    queued_ms = c.concurrency * c.gateway_cpu_us / cores / 1e3
+    needed_us = TARGET_P50_MS * 1e3 * cores / c.concurrency
+    return (f"At {c.concurrency} {c.scenario} streams the closed loop keeps the machine's {cores} cores "
+            f"{busy:.0%} busy (gateway {c.gateway_cpu_share:.0%}; load tester, upstream and anything else running "
+            "the rest), so every "
+            f"request queues behind the other streams' CPU work: {c.gateway_cpu_us:.0f} µs of gateway CPU per "
+            f"request × {c.concurrency} streams / {cores} cores ≈ {queued_ms:.1f} ms added (measured: "
+            f"{c.added_p50:.1f} ms at p50). On this machine that row can meet the {TARGET_P50_MS:g} ms target "
+            f"only with at most {needed_us:.0f} µs of gateway CPU per request, less than the fake upstream "
+            f"itself spends just answering one ({c.upstream_cpu_us:.0f} µs), or with cores left for the "
+            "gateway. The 1-stream rows, where cores are free, show the gateway's own added latency.")
 
 
 def render_section(args, comparisons: list[Comparison]) -> str:
     rows = [[c.scenario, str(c.concurrency), f"{c.requests:,}", f"{c.direct_p50:.2f}", f"{c.gateway_p50:.2f}",
              f"**{c.added_p50:+.2f}**", f"{c.direct_p99:.2f}", f"{c.gateway_p99:.2f}", f"**{c.added_p99:+.2f}**",
-             str(c.failed), "-" if c.gateway_cpu_share is None else f"{c.gateway_cpu_share:.0%}"]
+             str(c.failed), "-" if c.gateway_cpu_share is None else f"{c.gateway_cpu_share:.0%}",
+             "-" if c.gateway_cpu_us is None else f"{c.gateway_cpu_us:,.0f}"]
             for c in comparisons]
+    notes = [note for note in map(cpu_bound_note, comparisons) if note]
     verdicts = []
     for c in comparisons:
         ok = c.added_p50 <= TARGET_P50_MS and c.added_p99 <= TARGET_P99_MS
@@ -208,12 +249,13 @@ def render_section(args, comparisons: list[Comparison]) -> str:
         "",
         (f"Latency = end to end per request (sent to last byte), in ms; the median over {args.repeats} runs per "
          "target of each run's percentile. Added = through the gateway minus direct. Gateway CPU = its share "
-         "of all cores during its runs."),
+         "of all cores during its runs; µs/request = its CPU time per request it served."),
         "",
         markdown_table(["upstream", "streams", "requests", "direct p50", "gateway p50", "added p50", "direct p99",
-                        "gateway p99", "added p99", "failed", "gateway CPU"], rows),
+                        "gateway p99", "added p99", "failed", "gateway CPU", "µs/request"], rows),
         "",
         "; ".join(verdicts).capitalize() + f" (targets: p50 ≤ {TARGET_P50_MS:g} ms, p99 ≤ {TARGET_P99_MS:g} ms).",
+        *(part for note in notes for part in ("", note)),
     ])
 
 
@@ -244,7 +286,8 @@ def main(argv=None) -> int:
                 gateway, gateway_url, secret = start_gateway(Path(workdir), upstream_url)
                 try:
                     for concurrency in args.concurrency:
-                        result = compare(args, scenario, concurrency, upstream_url, gateway_url, secret, gateway.pid)
+                        result = compare(args, scenario, concurrency, upstream_url, gateway_url, secret, gateway.pid,
+                                         fake.pid)
                         comparisons.append(result)
                         print(f"{scenario}, {concurrency} stream(s): p50 {result.direct_p50:.2f} -> "
                               f"{result.gateway_p50:.2f} ms (added {result.added_p50:+.2f}), p99 "

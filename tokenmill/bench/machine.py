@@ -50,6 +50,7 @@ class CpuShares:
         self.pids = pids
         self.own_seconds = 0.0
         self.shares: dict[str, float | None] = {}
+        self.seconds: dict[str, float | None] = {}  # CPU seconds each of `pids` used during the block
 
     def __enter__(self) -> CpuShares:
         self._start = {name: process_cpu_seconds(pid) for name, pid in self.pids.items()}
@@ -62,7 +63,8 @@ class CpuShares:
         used = 0.0
         for name, pid in self.pids.items():
             before, after = self._start[name], process_cpu_seconds(pid)
-            self.shares[name] = None if before is None or after is None else (after - before) / capacity
+            self.seconds[name] = None if before is None or after is None else after - before
+            self.shares[name] = None if self.seconds[name] is None else self.seconds[name] / capacity
             used += 0.0 if self.shares[name] is None else after - before
         busy = machine_busy_seconds()
         self.shares["other"] = None if self._busy is None or busy is None else \
