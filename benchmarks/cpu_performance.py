@@ -18,6 +18,9 @@ Parts (--parts picks some; default all):
             plain transformers `generate` loop, 128 tokens each.
   itl       streaming smoothness: `tokenmill bench` with Poisson arrivals at
             most 32 in flight; inter-token latency p95 / median.
+  chunking  the same with one request in 8 bringing a ~1,500-token prompt,
+            served with --long-prefill-token-threshold 0 (a prompt is read in one
+            step), the default and 64: how much a long prefill freezes the streams.
   prefix    prefix caching: a shared ~500-token system prompt, TTFT p50 with
             `--enable-prefix-caching` vs `--no-enable-prefix-caching`.
   quant     bf16, int8 and int4 weights: bytes in memory, tok/s at batch 32 and
@@ -59,7 +62,7 @@ from tokenmill.bench.machine import CpuShares, cpu_model  # noqa: E402
 from tokenmill.bench.markdown import markdown_table, write_marked_section  # noqa: E402
 from tokenmill.bench.process import stop_process, wait_until_healthy  # noqa: E402
 
-PARTS = ("peak", "served", "peers", "single", "itl", "prefix", "quant", "profile")
+PARTS = ("peak", "served", "peers", "single", "itl", "chunking", "prefix", "quant", "profile")
 SECTION = "cpu_performance"
 MODEL_NAME = "gemma-3-270m"
 QUALITY_TEXT = REPO_ROOT / "benchmarks" / "data" / "quality_text.txt"
@@ -81,6 +84,7 @@ class Results:
     peers: list = field(default_factory=list)          # engine_throughput.RunResult
     single: dict = field(default_factory=dict)          # name -> {"tokens_per_s", "seconds", "other"}
     itl: dict | None = None
+    chunking: dict = field(default_factory=dict)         # threshold label -> served record
     prefix: dict = field(default_factory=dict)          # "on"/"off" -> bench summary
     quant: dict = field(default_factory=dict)           # method -> row
     profiles: dict = field(default_factory=dict)        # label -> StepProfile
@@ -166,7 +170,7 @@ def served_bench(label: str, serve_args: list[str], bench_args: list[str], workd
         argv = cli(*[a.replace("$PORT", str(port)) for a in bench], "--out", str(out))
         with CpuShares({"server": process.pid}) as cpu:
             result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=args.bench_timeout,
-                                    check=False)
+                                    check=False, cwd=workdir)
         if result.returncode != 0:
             raise RuntimeError(f"tokenmill bench failed: {(result.stderr or result.stdout).strip()[-600:]}")
         document = json.loads(out.read_text())
@@ -204,6 +208,39 @@ def run_itl(args, workdir: Path, served: dict | None) -> dict:
     record = served_bench("itl", serve_args, bench_args, workdir, args)
     record["rate"] = rate
     return record
+
+
+def long_prompt_dataset(path: Path, count: int, short: int, long: int, output_len: int, seed: int) -> Path:
+    """A JSONL dataset of `count` requests, one in 8 with a `long`-word prompt, the others `short`."""
+    import random
+
+    from tokenmill.bench.workload import WORDS
+
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(count):
+            words = " ".join(rng.choices(WORDS, k=long if i % 8 == 0 else short))
+            f.write(json.dumps({"prompt": words, "max_tokens": output_len}) + "\n")
+    return path
+
+
+def run_chunking(args, workdir: Path, served: dict | None) -> dict:
+    dataset = long_prompt_dataset(workdir / "long_prompts.jsonl", args.itl_requests, args.prompt_len, 1500,
+                                  args.output_len, args.seed)
+    e2e_s = (served["summary"]["e2e_ms"]["mean"] / 1e3) if served else 128 * 0.06
+    rate = args.itl_rate or round(args.concurrency / e2e_s, 2)
+    out = {}
+    for label, threshold in (("0 (off)", "0"), ("default", None), ("64", "64")):
+        serve_args = ["--dtype", args.dtype, "--max-model-len", "2048"]
+        if threshold is not None:
+            serve_args += ["--long-prefill-token-threshold", threshold]
+        bench_args = ["--concurrency", str(args.concurrency), "--num-requests", str(args.itl_requests),
+                      "--dataset", "long_prompts.jsonl", "--ignore-eos", "--no-logprobs", "--tokenizer", "default",
+                      "--seed", str(args.seed + 3), "--request-rate", f"{rate:g}", "--warmup", str(args.warmup)]
+        record = served_bench(f"chunking-{threshold or 'default'}", serve_args, bench_args, workdir, args)
+        record["rate"] = rate
+        out[label] = record
+    return out
 
 
 def run_prefix(args, workdir: Path) -> dict:
@@ -424,6 +461,13 @@ def targets_table(results: Results, args) -> tuple[str, list[str]]:
         rows.append(["ITL p95 ÷ median, Poisson arrivals, ≤ 32 streams", "≤ 2.5×", fmt(ratio, 2, "×"),
                      f"p50 {itl['p50']:.1f} ms, p95 {itl['p95']:.1f} ms at {results.itl['rate']:g} req/s",
                      verdict(ratio, TARGETS["itl_ratio"], higher_is_better=False)])
+    for label, record in results.chunking.items():
+        itl = record["summary"]["itl_ms"]
+        ratio = itl["p95"] / itl["p50"] if itl.get("p50") else None
+        rows.append([f"ITL p95 ÷ median, 1 in 8 prompts ~1,500 tokens, threshold {label}",
+                     "≤ 2.5×" if label == "default" else "—", fmt(ratio, 2, "×"),
+                     f"p50 {itl['p50']:.1f} ms, p95 {itl['p95']:.1f} ms, p99 {itl['p99']:.1f} ms",
+                     verdict(ratio, TARGETS["itl_ratio"], higher_is_better=False) if label == "default" else "—"])
     if "on" in results.prefix and "off" in results.prefix:
         on, off = (results.prefix[k]["summary"]["ttft_ms"]["p50"] for k in ("on", "off"))
         ratio = off / on if on else None
@@ -561,6 +605,8 @@ def render(results: Results, args, started: str) -> str:
     if results.itl:
         served_records.append((f"Poisson arrivals at {results.itl['rate']:g} req/s, ≤ {args.concurrency} in flight",
                                results.itl))
+    for label, record in results.chunking.items():
+        served_records.append((f"1 in 8 prompts ~1,500 tokens, `--long-prefill-token-threshold` {label}", record))
     for state in ("on", "off"):
         if state in results.prefix:
             served_records.append((f"shared {args.prefix_len}-token prefix, prefix caching {state}",
@@ -689,6 +735,7 @@ def main(argv=None) -> int:
             results.single["tokenmill bf16"] = {"tokens_per_s": tps, "other": other}
         attempt("single", tokenmill_single)
     results.itl = attempt("itl", lambda: run_itl(args, workdir, results.served))
+    results.chunking = attempt("chunking", lambda: run_chunking(args, workdir, results.served)) or {}
     results.prefix = attempt("prefix", lambda: run_prefix(args, workdir)) or {}
     attempt("quant", lambda: run_quant(args, tokenizer, workload, results))
     attempt("profile", lambda: run_profiles(args, workload, results))
@@ -697,7 +744,7 @@ def main(argv=None) -> int:
     print(section)
     if args.json:
         raw = {"peak": results.peak, "model": results.model, "served": results.served, "single": results.single,
-               "itl": results.itl, "prefix": results.prefix, "quant": results.quant, "errors": results.errors,
+               "itl": results.itl, "chunking": results.chunking, "prefix": results.prefix, "quant": results.quant, "errors": results.errors,
                "peers": [{"engine": r.engine, "dtype": r.dtype, "tokens_per_s": r.tokens_per_s,
                           "seconds": r.seconds, "other_load": r.other_load} for r in results.peers],
                "profiles": {k: {"ms_per_step": v.ms_per_step, "profiled_ms": v.profiled_ms_per_step,

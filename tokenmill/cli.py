@@ -29,8 +29,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=2048,
                        help="token budget of one engine step (long prompts are chunked to fit)")
     group.add_argument("--long-prefill-token-threshold", type=int, default=None,
-                       help="most tokens of one prompt computed per step, so running streams keep going while "
-                            "a long prompt is read; 0 = only the step budget (default: 256 on CPU, 0 on GPU)")
+                       help="while other requests decode, most tokens of one prompt computed per step, so "
+                            "running streams keep going while a long prompt is read; 0 = only the step budget "
+                            "(default: 128 on CPU, 0 on GPU)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     group.add_argument("--kv-cache-memory", type=parse_size, default=None,
                        help="memory reserved for the KV cache, e.g. 2GiB, 512MB or bytes (default 2GiB); "

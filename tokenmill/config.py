@@ -9,10 +9,11 @@ from dataclasses import dataclass
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-# On a CPU a step costs about as much per prompt token as per decoding sequence, so a
-# 2,048-token prefill would hold every stream for seconds; in chunks of 256 the
-# streams go on between chunks (see docs/benchmarks.md, cpu_performance).
-CPU_LONG_PREFILL_TOKENS = 256
+# On a CPU a step costs about as much per prompt token as per decoding sequence: a
+# 2,048-token prefill would hold every stream for seconds, while 128 prompt tokens
+# add about what a step of 32 decodes costs on two cores (docs/benchmarks.md,
+# cpu_performance, compares 0, 64 and this default).
+CPU_LONG_PREFILL_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class EngineConfig:
     max_model_len: int | None = None      # None: the model's context, capped by what the KV cache holds
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    long_prefill_token_threshold: int | None = None  # tokens of one prompt per step; None: 256 on CPU, 0 (off) else
+    long_prefill_token_threshold: int | None = None  # prompt tokens per step while others decode; None: 128 on CPU, 0 (off) else
     block_size: int = 16
     kv_cache_memory: int | None = None    # bytes for the KV cache; None: 2 GiB
     num_kv_blocks: int | None = None      # exact block count; overrides kv_cache_memory

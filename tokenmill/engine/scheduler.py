@@ -19,9 +19,10 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 8192
-    # Most tokens one request computes in a step (0: no cap but the step budget). A
-    # long prompt then takes several steps and the running streams keep decoding in
-    # each of them instead of stalling behind one huge prefill.
+    # While other requests are decoding, the most tokens one request computes in a
+    # step (0: no cap but the step budget). A long prompt then takes several steps
+    # and the running streams keep decoding in each of them instead of stalling
+    # behind one huge prefill; with nothing decoding, prompts take the whole budget.
     long_prefill_token_threshold: int = 0
 
     def __post_init__(self) -> None:
@@ -31,10 +32,11 @@ class SchedulerConfig:
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
 
-    def chunk(self, num_tokens: int, budget: int) -> int:
-        """Tokens of a request with `num_tokens` left to compute that run this step."""
+    def chunk(self, num_tokens: int, budget: int, decoding: bool) -> int:
+        """Tokens of a request with `num_tokens` left to compute that run this step
+        (`decoding`: whether other requests decode in it)."""
         limit = self.long_prefill_token_threshold
-        return min(num_tokens, budget, limit) if limit else min(num_tokens, budget)
+        return min(num_tokens, budget, limit) if limit and decoding else min(num_tokens, budget)
 
 
 class Scheduler:
@@ -112,11 +114,14 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: set[str] = set()
+        # Whether some running request decodes (has exactly its last token to compute).
+        decoding = bool(self.config.long_prefill_token_threshold) and any(
+            r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
 
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = self.config.chunk(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self.config.chunk(request.num_tokens - request.num_computed_tokens, budget, decoding)
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -130,7 +135,7 @@ class Scheduler:
             index += 1
 
         if not preempted:
-            budget = self._admit_waiting(budget, scheduled)
+            budget = self._admit_waiting(budget, scheduled, decoding)
 
         output = SchedulerOutput(
             scheduled=scheduled,
@@ -141,7 +146,7 @@ class Scheduler:
         self._finished_ids = set()
         return output
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest], decoding: bool) -> int:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -150,7 +155,7 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             cached_blocks, num_cached = self.kv.get_computed_blocks(request)
-            num_new = self.config.chunk(request.num_tokens - num_cached, budget)
+            num_new = self.config.chunk(request.num_tokens - num_cached, budget, decoding)
             if self.kv.allocate_slots(request, num_new, cached_blocks) is None:
                 break
             self.waiting.popleft()
