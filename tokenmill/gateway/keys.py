@@ -189,6 +189,8 @@ class KeyStore:
         # key_id -> (fetched_at, _StoredKey | None for an unknown id)
         self._cache: OrderedDict[str, tuple[float, _StoredKey | None]] = OrderedDict()
         self._lock = threading.Lock()
+        # (event loop, key_id) -> the database read in flight for it (`authenticate_async`)
+        self._loading: dict[tuple[int, str], asyncio.Future] = {}
 
     def __repr__(self) -> str:
         return f"KeyStore({self._database!r})"
@@ -268,29 +270,44 @@ class KeyStore:
             return None
         found, stored = self._cached(key_id)
         if not found:
-            try:
-                stored = self._load(key_id)
-            except SQLAlchemyError as error:
-                stored = self._stale_or_raise(key_id, error)
-            else:
-                self._remember(key_id, stored)
+            stored = self._load_into_cache(key_id)
         return _verify(stored, secret)
 
     async def authenticate_async(self, secret: str) -> ApiKey | None:
-        """`authenticate` for the event loop: cache hits inline, database reads in a worker thread."""
+        """`authenticate` for the event loop: cache hits inline, database reads in a worker thread.
+
+        Requests of a key that arrive while its entry is being read wait for that one
+        read: when the entry of a busy key expires, the database sees one query, not one
+        per request in flight (each a worker thread, queued behind the others)."""
         key_id = parse_secret(secret)
         if key_id is None:
             return None
         found, stored = self._cached(key_id)
-        if found:
-            return _verify(stored, secret)
-        return await asyncio.to_thread(self.authenticate, secret)
+        if not found:
+            loop = asyncio.get_running_loop()
+            slot = (id(loop), key_id)
+            loading = self._loading.get(slot)
+            if loading is None:
+                loading = self._loading[slot] = asyncio.ensure_future(
+                    asyncio.to_thread(self._load_into_cache, key_id))
+                loading.add_done_callback(lambda _: self._loading.pop(slot, None))
+            stored = await asyncio.shield(loading)  # a waiter cancelled does not cancel the others' read
+        return _verify(stored, secret)
 
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
 
     # -- internals ----------------------------------------------------------
+
+    def _load_into_cache(self, key_id: str) -> _StoredKey | None:
+        """The key's row from the database, cached; a stale entry or KeyStoreUnavailableError if unreadable."""
+        try:
+            stored = self._load(key_id)
+        except SQLAlchemyError as error:
+            return self._stale_or_raise(key_id, error)
+        self._remember(key_id, stored)
+        return stored
 
     def _load(self, key_id: str) -> _StoredKey | None:
         if not isinstance(key_id, str):
