@@ -162,6 +162,7 @@ class FakeOpenAIServer:
         self.open_streams = 0
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task] = set()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._server = await asyncio.start_server(self._handle_connection, host, port, backlog=1024)
@@ -172,10 +173,15 @@ class FakeOpenAIServer:
             self._server.close()
             for writer in list(self._writers):  # idle keep-alive connections would hold wait_closed() forever
                 writer.transport.abort()
+            for handler in list(self._handlers):  # e.g. one sleeping through a scripted delay for a client gone
+                handler.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
 
     async def _handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        handler = asyncio.current_task()
+        self._handlers.add(handler)
         try:
             while True:
                 try:
@@ -198,6 +204,7 @@ class FakeOpenAIServer:
             return
         finally:
             self._writers.discard(writer)
+            self._handlers.discard(handler)
             writer.close()
 
     async def _respond(self, method: str, path: str, headers: dict, raw_body: bytes,
