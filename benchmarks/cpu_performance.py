@@ -395,6 +395,19 @@ def run_profiles(args, workload, results: Results) -> None:
 
 
 # --------------------------------------------------------------------------- report
+def shown_arguments(argv: list[str]) -> list[str]:
+    """The command line as the docs show it: without `--json PATH`, which only adds a raw-figures file."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif not arg.startswith("--json="):
+            shown.append(arg)
+    return shown
+
+
 def shell_line(argv: list[str]) -> str:
     return " ".join(a if "$" in a else shlex.quote(a) for a in argv)
 
@@ -560,6 +573,15 @@ def profile_table(results: Results) -> str:
     return markdown_table(["Decode step, bf16 (ms, share)"] + labels, rows)
 
 
+STREAMING_TEXT = (
+    "Poisson arrivals at the rate that keeps about 32 requests in flight (32 / the closed-loop run's mean request "
+    "time). `long_prompts.jsonl` is written by the script: the same ~40-word prompts, but one request in 8 brings "
+    "~1,500 words, read while the other streams decode; `default` is the CPU default of "
+    "`--long-prefill-token-threshold` (128). Reading a long prompt in one step freezes every stream for over a "
+    "second now and then (ITL p99) and makes the short requests behind it wait (TTFT); in chunks, the freezes are "
+    "short but many (ITL p95). Prefix caching: 8 streams, prompts behind a shared ~500-token prefix.")
+
+
 def render(results: Results, args, started: str) -> str:
     import torch
     import transformers
@@ -570,7 +592,7 @@ def render(results: Results, args, started: str) -> str:
         f"Written by `benchmarks/cpu_performance.py` on {started}:",
         "",
         "```bash",
-        "python benchmarks/cpu_performance.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "python benchmarks/cpu_performance.py " + " ".join(shlex.quote(a) for a in shown_arguments(sys.argv[1:])),
         "```",
         "",
         (f"Machine: {cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__}, transformers "
@@ -612,7 +634,7 @@ def render(results: Results, args, started: str) -> str:
             served_records.append((f"shared {args.prefix_len}-token prefix, prefix caching {state}",
                                    results.prefix[state]))
     if served_records:
-        lines += ["### Streaming and prefix caching, served", "", "```bash"]
+        lines += ["### Streaming and prefix caching, served", "", STREAMING_TEXT, "", "```bash"]
         for _, record in served_records:
             lines += [record["serve"], record["bench"]]
         lines += ["```", "", served_table(served_records), ""]
