@@ -166,6 +166,16 @@ def test_int8_linear_rejects_bad_inputs():
         torch.ops.tokenmill.int8_linear(torch.zeros(1, 640), weight, torch.ones(7), None)
 
 
+def test_int8_layer_falls_back_for_inputs_wider_than_the_kernel_sums(plain_path):
+    from tokenmill.models.quantize import INT8_FUSED_MAX_IN, Int8WeightOnlyLinear
+
+    linear = Int8WeightOnlyLinear(torch.randn(16, INT8_FUSED_MAX_IN + 32))
+    x = torch.randn(1, INT8_FUSED_MAX_IN + 32)
+    with plain_path:
+        expected = linear(x)
+    assert torch.equal(linear(x), expected)  # PyTorch's kernel, not a failed check in the fused one
+
+
 def test_int8_layer_uses_the_kernel_only_for_few_rows(plain_path):
     from tokenmill.models.quantize import Int8WeightOnlyLinear
 

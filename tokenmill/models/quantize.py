@@ -32,6 +32,7 @@ from tokenmill.kernels import cpu_kernels_for
 
 QUANTIZATION_METHODS = ("int8", "int4")
 INT4_GROUP_SIZE = 32
+INT8_FUSED_MAX_IN = 8192  # kInt8MaxK in kernels/cpu_ops.cpp
 
 
 def _cpu_kernel_ok(x: torch.Tensor) -> bool:
@@ -59,10 +60,12 @@ class Int8WeightOnlyLinear(nn.Module):
         scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight_int8", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales)  # float32; cast to the activation dtype per call (tiny)
+        self.register_buffer("scales", scales)  # float32 (PyTorch's int8 kernel gets a cached cast)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.dense_above = dense_above
         self.fused_rows = fused_rows
+        # The fused kernel's int32 sums are exact for inputs of up to 8192 columns, in steps of 32.
+        self._fused_width = self.in_features % 32 == 0 and self.in_features <= INT8_FUSED_MAX_IN
         self._cast_scales: torch.Tensor | None = None
         # Packed projections (q/k/v, gate/up) keep their shard layout for `split`.
         self.shard_sizes = shard_sizes
@@ -85,7 +88,7 @@ class Int8WeightOnlyLinear(nn.Module):
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)                      # [num_tokens, in]
         rows = x2d.shape[0]
-        if rows <= self.fused_rows and self.in_features % 32 == 0 and cpu_kernels_for(x2d) and (
+        if rows <= self.fused_rows and self._fused_width and cpu_kernels_for(x2d) and (
                 self.bias is None or self.bias.dtype == x.dtype):
             out = torch.ops.tokenmill.int8_linear(x2d.contiguous(), self.weight_int8, self.scales, self.bias)
         elif rows <= self.dense_above and _cpu_kernel_ok(x2d):
