@@ -766,7 +766,8 @@ def main(argv=None) -> int:
     print(section)
     if args.json:
         raw = {"peak": results.peak, "model": results.model, "served": results.served, "single": results.single,
-               "itl": results.itl, "chunking": results.chunking, "prefix": results.prefix, "quant": results.quant, "errors": results.errors,
+               "itl": results.itl, "chunking": results.chunking, "prefix": results.prefix, "quant": results.quant,
+               "errors": results.errors,
                "peers": [{"engine": r.engine, "dtype": r.dtype, "tokens_per_s": r.tokens_per_s,
                           "seconds": r.seconds, "other_load": r.other_load} for r in results.peers],
                "profiles": {k: {"ms_per_step": v.ms_per_step, "profiled_ms": v.profiled_ms_per_step,

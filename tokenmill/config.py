@@ -26,7 +26,8 @@ class EngineConfig:
     max_model_len: int | None = None      # None: the model's context, capped by what the KV cache holds
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    long_prefill_token_threshold: int | None = None  # prompt tokens per step while others decode; None: 128 on CPU, 0 (off) else
+    # Prompt tokens per step while others decode; None: 128 on CPU, 0 (off) elsewhere.
+    long_prefill_token_threshold: int | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None    # bytes for the KV cache; None: 2 GiB
     num_kv_blocks: int | None = None      # exact block count; overrides kv_cache_memory
