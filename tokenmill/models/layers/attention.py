@@ -280,21 +280,25 @@ def paged_attention(
         out.index_copy_(0, md.decode_token_ids, o)
 
     for p in plan.prefills:
-        pq = q[p.token_start : p.token_end].transpose(0, 1)  # [num_heads, q_len, head_dim]
+        q_len = p.token_end - p.token_start
+        # [kv_heads, group, q_len, head_dim]: the query heads of a KV head as the head axis,
+        # the KV heads as the batch axis, so the keys and values are only broadcast
+        # (stride 0) to the group; with `enable_gqa` CPU SDPA takes a slower path.
+        pq = q[p.token_start : p.token_end].transpose(0, 1).reshape(num_kv_heads, group, q_len, head_dim)
         if p.slots is None:
             pk = k[p.token_start : p.token_end]  # [q_len, kv_heads, head_dim]
             pv = v[p.token_start : p.token_end]
         else:
             pk = flat_k.index_select(0, p.slots).to(q.dtype)  # [num_keys, kv_heads, head_dim]
             pv = flat_v.index_select(0, p.slots).to(q.dtype)
+        num_keys = pk.shape[0]
         o = F.scaled_dot_product_attention(
             pq,
-            pk.transpose(0, 1),
-            pv.transpose(0, 1),
+            pk.transpose(0, 1)[:, None].expand(num_kv_heads, group, num_keys, head_dim),
+            pv.transpose(0, 1)[:, None].expand(num_kv_heads, group, num_keys, head_dim),
             attn_mask=p.mask,
             is_causal=p.is_causal,
             scale=scale,
-            enable_gqa=group > 1,
-        )  # [num_heads, q_len, head_dim]
-        out[p.token_start : p.token_end] = o.transpose(0, 1)
+        )  # [kv_heads, group, q_len, head_dim]
+        out[p.token_start : p.token_end] = o.reshape(num_heads, q_len, head_dim).transpose(0, 1)
     return out
