@@ -43,7 +43,6 @@ import logging
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,7 @@ import engine_throughput as et  # noqa: E402  (the peers' runners and the worklo
 
 from tokenmill.bench.machine import CpuShares, cpu_model  # noqa: E402
 from tokenmill.bench.markdown import markdown_table, write_marked_section  # noqa: E402
-from tokenmill.bench.process import stop_process, wait_until_healthy  # noqa: E402
+from tokenmill.bench.process import shell_line, stop_process, unused_port, wait_until_healthy  # noqa: E402
 
 PARTS = ("peak", "served", "peers", "single", "itl", "chunking", "prefix", "quant", "profile")
 SECTION = "cpu_performance"
@@ -139,12 +138,6 @@ def rooflines(tokens_per_s: float, batch: int, mean_context: float, peak: dict, 
 
 
 # --------------------------------------------------------------------------- served runs
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "tokenmill.cli", *args]
 
@@ -406,10 +399,6 @@ def shown_arguments(argv: list[str]) -> list[str]:
         elif not arg.startswith("--json="):
             shown.append(arg)
     return shown
-
-
-def shell_line(argv: list[str]) -> str:
-    return " ".join(a if "$" in a else shlex.quote(a) for a in argv)
 
 
 def fmt(value, digits: int = 1, suffix: str = "") -> str:

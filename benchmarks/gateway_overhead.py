@@ -40,6 +40,7 @@ if str(REPO_ROOT) not in sys.path:
 from tokenmill.bench.machine import CpuShares, cpu_model  # noqa: E402
 from tokenmill.bench.markdown import markdown_table, write_marked_section  # noqa: E402
 from tokenmill.bench.process import stop_process, wait_until_healthy  # noqa: E402
+from tokenmill.bench.process import unused_port as _free_port  # noqa: E402
 
 SECTION = "gateway_overhead"
 TARGET_P50_MS = 2.0
@@ -73,14 +74,6 @@ class Comparison:
     @property
     def added_p99(self) -> float:
         return self.gateway_p99 - self.direct_p99
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_fake_server(output_tokens: int, ttft: float, itl: float) -> tuple[subprocess.Popen, str]:

@@ -35,7 +35,6 @@ import os
 import platform
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ from tokenmill.bench.config import MaxUsersSearch  # noqa: E402
 from tokenmill.bench.machine import CpuShares, cpu_model  # noqa: E402
 from tokenmill.bench.markdown import markdown_table, write_marked_section  # noqa: E402
 from tokenmill.bench.sizing import judge  # noqa: E402
-from tokenmill.bench.process import stop_process, wait_until_healthy  # noqa: E402
+from tokenmill.bench.process import shell_line, stop_process, unused_port, wait_until_healthy  # noqa: E402
 
 SERVERS = ("tokenmill", "transformers")
 SECTION = "serving_vs_peers"
@@ -76,12 +75,6 @@ class ServerRun:
         if self.document is None:
             return {}
         return {run["load"]["concurrency"]: run["summary"] for run in self.document["runs"]}
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def export_hf_directory(target: Path) -> Path:
@@ -184,11 +177,6 @@ def _fmt(summary: dict | None, key: str, stat: str | None = None, digits: int = 
         return "-"
     value = summary[key] if stat is None else (summary[key] or {}).get(stat)
     return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def shell_line(argv: list[str]) -> str:
-    """argv as a shell line; $PORT and $HF_DIR stay expandable."""
-    return " ".join(arg if "$" in arg else shlex.quote(arg) for arg in argv)
 
 
 def results_table(runs: list[ServerRun], sweep: list[int]) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,15 +18,10 @@ from pathlib import Path
 
 from tokenmill.bench.markdown import markdown_table, write_marked_section
 from tokenmill.bench.process import stop_process, wait_until_healthy
+from tokenmill.bench.process import unused_port as free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_WARM_S = 8.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def time_to_ready(cache_dir: str, timeout_s: float = 300.0) -> float:

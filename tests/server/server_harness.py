@@ -5,7 +5,6 @@ Each server is a subprocess on a free port of 127.0.0.1: `start_server` waits fo
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenmill.bench.process import stop_process
+from tokenmill.bench.process import unused_port as free_port
 
 MODEL = "gemma-3-270m"
 MAX_MODEL_LEN = 256
@@ -24,12 +24,6 @@ STARTUP_DEADLINE = 180.0   # seconds; loading takes a few seconds, more on a bus
 IDLE_DEADLINE = 5.0        # seconds for an aborted or finished request to give back its blocks
 # Small KV caches keep several servers cheap; the usage gauge moves visibly.
 COMMON_ARGS = ("--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens", "4096")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:

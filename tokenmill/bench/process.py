@@ -1,12 +1,27 @@
-"""Servers run as child processes by the benchmark scripts and tests: wait until
-one answers `/health` with 200, and stop it without leaving it behind."""
+"""Servers run as child processes by the benchmark scripts and tests: a free port
+to give one, wait until it answers `/health` with 200, stop it without leaving it
+behind, and its command line as the docs show it."""
 from __future__ import annotations
 
+import shlex
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+
+
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on at the moment of asking."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shell_line(argv: list[str]) -> str:
+    """argv as a shell line; arguments holding `$` (placeholders such as $PORT) stay expandable."""
+    return " ".join(arg if "$" in arg else shlex.quote(arg) for arg in argv)
 
 
 def wait_until_healthy(process: subprocess.Popen, base_url: str, deadline_s: float,
